@@ -1,0 +1,44 @@
+# Two commands for a newcomer:  `make demo`  (all stages on the embedded default data)  and  `make test`.
+# Each target sets up what it needs: a .venv with the pinned requirements (reused while the pins match)
+# and the default dataset (Debian's dataset-fashion-mnist package).
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.requirements.sha
+REQ_SHA := $(shell sha256sum requirements.txt | cut -c1-16)
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+OUT     ?= out/demo
+
+.PHONY: venv data demo test bench reproduce clean
+
+# (Re)create the venv only when requirements.txt changed since it was built.
+venv:
+	@if [ ! -x $(VPY) ] || [ "$$(cat $(STAMP) 2>/dev/null)" != "$(REQ_SHA)" ]; then \
+	  echo "== setting up $(VENV) (about 2 minutes the first time)"; \
+	  $(PY) -m venv $(VENV) && $(VPY) -m pip install -q --upgrade pip && \
+	  $(VPY) -m pip install -q -r requirements.txt && echo "$(REQ_SHA)" > $(STAMP); \
+	else echo "== $(VENV) is up to date"; fi
+
+# The default data: Debian's Fashion-MNIST package (real idx .gz files). Installed when missing and root.
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "== installing dataset-fashion-mnist"; \
+	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || exit 1; \
+	  else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'," \
+	    "or put a torchvision-style copy under data/FashionMNIST/raw/ (see README)"; fi; fi
+
+test: venv data
+	$(VPY) -m pytest
+
+demo: venv data
+	$(VPY) demo.py --out_dir $(OUT)
+
+bench: venv data
+	$(VPY) bench/run_all.py
+
+reproduce: venv data
+	$(VPY) reproduce.py --data fashion-mnist
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,206 @@
+"""Shared plumbing for the numbered stages: config flags, user errors, atomic checkpoint I/O, device and
+distributed setup. Nothing from the paper lives here (STYLE.md §1): the method is in 01_data.py ... 05_eval.py.
+
+Every distributed helper is a no-op in a single process, so the stage code calls them unconditionally.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT, VERSION = "deepercluster-edu", 1
+
+
+# ---- user errors: one clear line and exit code 2, no traceback ----
+class UserError(Exception):
+    """Bad input from the user (a path, a flag value). The message says what is wrong and what to do."""
+
+
+def run(main, config_cls, argv=None):
+    """`if __name__ == "__main__": common.run(main, Config)`: parse flags, run, turn UserError into exit 2."""
+    try:
+        main(parse_config(config_cls, argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---- config: a frozen dataclass -> argparse flags; help text from the field's trailing comment ----
+def _field_comments(cls):
+    comments = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source file (interactive use): flags without help text
+        return comments
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).replace("%", "%%")
+    return comments
+
+
+def parse_config(cls, argv=None):
+    helps = _field_comments(cls)
+    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    for f in dataclasses.fields(cls):
+        h = f"{helps.get(f.name, '')} [default: {f.default}]"
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=h)
+    return cls(**vars(p.parse_args(argv)))
+
+
+# ---- files: atomic writes (temporary file in the same folder, then os.replace) ----
+def _atomic(path, write):
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_ckpt(obj, path):
+    """Save a flat dict of tensors / numbers / strings / lists / dicts, readable with weights_only=True."""
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def ckpt_header(stage, config):
+    return {"format": FORMAT, "version": VERSION, "stage": stage,
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)}
+
+
+def load_ckpt(path, stage=None, hint=""):
+    """Load one of our checkpoints and check format, version and (when given) stage, with actionable errors."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist{': ' + hint if hint else ''}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled objects
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); "
+                        f"delete it and re-run the stage that writes it") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise UserError(f"{path} is not a {FORMAT} checkpoint (no 'format' key); "
+                        f"for an official DeeperCluster checkpoint use 02_model.load_official")
+    if ck.get("version") != VERSION:
+        raise UserError(f"{path} has format version {ck.get('version')}, this code reads version {VERSION}")
+    stages = (stage,) if isinstance(stage, str) else stage
+    if stages and ck.get("stage") not in stages:
+        raise UserError(f"{path} was written by stage {ck.get('stage')}, expected {' or '.join(stages)}")
+    return ck
+
+
+def save_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, default=_json_default)
+    return _atomic(path, write)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def save_npz(path, **arrays):
+    def write(tmp):
+        with open(tmp, "wb") as fh:  # a file handle, so numpy does not append '.npz' to the temp name
+            np.savez(fh, **arrays)
+    return _atomic(path, write)
+
+
+def load_npz(path, hint=""):
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist{': ' + hint if hint else ''}")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---- device and distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) ----
+def pick_device(name="auto", local_rank=0):
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    return torch.device(name)
+
+
+def init_dist(device="auto"):
+    """Return (rank, world, device). With WORLD_SIZE unset or 1 this creates no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t, group=None):
+    """In-place sum over ranks (of `group`); returns t. No-op in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def broadcast(t, src=0):
+    if dist.is_initialized():
+        dist.broadcast(t, src)
+    return t
+
+
+def all_gather_cat(t):
+    """Concatenate along dim 0 the tensors of all ranks (rank order); shapes may differ in dim 0."""
+    if not dist.is_initialized():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    mx = int(max(s.item() for s in sizes))
+    pad = torch.zeros((mx - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    parts = [torch.empty((mx,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes]
+    dist.all_gather(parts, torch.cat([t, pad]))
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def log(*args, **kw):
+    """print on rank 0 only, flushed (logs interleave with tqdm bars and subprocess pipes)."""
+    if is_main():
+        print(*args, **kw, flush=True)
