@@ -66,6 +66,7 @@ def _atomic(path, write):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a result file should read like any other file
     try:
         write(tmp)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one

@@ -1,0 +1,176 @@
+"""The small-scale reproduction: random init, RotNet, DeepCluster, DeeperCluster and supervised, same budget, 3 seeds.
+
+Paper:  PAPER.md §8 (the methods as settings of one code), §9 (probes), §10 (published numbers, other scale).
+Reads:  nothing; runs the numbered stages as subprocesses, exactly as a user would type them.
+Writes: results/<data>/runs/<method>_s<seed>/...   every stage's files (checkpoints deleted at the end, logs kept)
+        results/<data>/table.md, table.json         mean ± std over seeds, one row per method
+        results/<data>/layers.png                    linear-probe accuracy per layer, one line per method
+        results/<data>/k_sweep.md                    DeeperCluster with k = 10, 50, 200, 1000 (the paper's Figure 1 axis)
+Run:    python scripts/reproduce.py --data fashion-mnist            (make reproduce)
+        python scripts/reproduce.py --data cifar10:/path/to/cifar-10-batches-py --subset 20000
+It is restartable: a run whose 05_eval.json exists is not run again, so kill it and start it again at will.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+# Each method is a set of flags of the same two scripts (02_model.py, 04_train.py); "random" trains nothing.
+METHODS = {
+    "random": None,
+    "rotnet": ["--method", "rotnet"],
+    "deepcluster": ["--method", "deepcluster"],
+    "deepercluster": ["--method", "deepercluster"],
+    "supervised": ["--method", "supervised"],
+}
+
+
+def sh(cmd, log):
+    """Run one stage; its output goes to a log file next to its results; fail loudly with the log's tail."""
+    t0 = time.time()
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    if rc != 0:
+        tail = open(log).read()[-3000:]
+        raise SystemExit(f"command failed (exit {rc}): {' '.join(cmd)}\n--- {log} (tail) ---\n{tail}")
+    return time.time() - t0
+
+
+def one_run(a, method, seed, extra=(), name=None):
+    """02 -> 04 -> 05 for one (method, seed); returns 05's json plus wall-clock seconds."""
+    run_dir = os.path.join(a.results, "runs", name or f"{method}_s{seed}")
+    done = os.path.join(run_dir, "05_eval.json")
+    if os.path.exists(done):
+        return json.load(open(done))
+    os.makedirs(run_dir, exist_ok=True)
+    log = os.path.join(run_dir, "stdout.log")
+    data = ["--data", a.data, "--subset", str(a.subset), "--image_size", str(a.image_size), "--seed", str(seed)]
+    clus = ["--k", str(a.k), "--super_clusters", str(a.m), "--pca_dim", str(a.pca_dim)] + list(extra)
+    secs = sh([PY, "02_model.py", "--out_dir", run_dir, "--width", str(a.width), "--image_size", str(a.image_size),
+               "--seed", str(seed)] + a.model_flags, log)
+    ckpt = os.path.join(run_dir, "02_model_init.pt")
+    if METHODS[method] is not None:
+        secs += sh([PY, "04_train.py", "--out_dir", run_dir, "--epochs", str(a.epochs), "--reassign", str(a.reassign),
+                    "--batch_size", str(a.batch_size), "--lr", str(a.lr)] + data + clus + METHODS[method] + a.train_flags, log)
+        ckpt = os.path.join(run_dir, "04_train_last.pt")
+    secs += sh([PY, "05_eval.py", "--out_dir", run_dir, "--ckpt", ckpt, "--layers", "all"] + data + a.eval_flags, log)
+    res = json.load(open(done))
+    res["wall_seconds"] = secs
+    json.dump(res, open(done, "w"), indent=1)
+    for f in os.listdir(run_dir):  # keep logs, json and figures; checkpoints are large and reproducible
+        if f.endswith(".pt") or f.endswith(".npz"):
+            os.remove(os.path.join(run_dir, f))
+    return res
+
+
+def summary(res):
+    """The numbers of one run that go in the table (keys written by 05_eval.py)."""
+    row = res["rows"][0]
+    return {k: row.get(k) for k in ("knn20", "knn200", "probe_best", "probe_best_layer", "probe_fc7", "nmi_labels")} | \
+        {"layers": row.get("probe_layers", {}), "wall_seconds": res.get("wall_seconds", 0.0)}
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs):.1f}" if len(xs) > 1 else f"{100 * xs[0]:.1f}"
+
+
+def write_table(a, rows):
+    lines = [f"# Small-scale reproduction on `{a.data}` (subset {a.subset}, {a.image_size} px, width {a.width}, "
+             f"{a.epochs} epochs, seeds {a.seeds})", "",
+             "| method | kNN@20 | kNN@200 | best conv probe (layer) | fc7 probe | NMI vs labels | minutes/run |",
+             "|---|---|---|---|---|---|---|"]
+    for method, runs in rows.items():
+        s = [summary(r) for r in runs]
+        best_layers = sorted({str(x["probe_best_layer"]) for x in s})
+        nmi = [x["nmi_labels"] for x in s if x["nmi_labels"] is not None]
+        lines.append(f"| {method} | {mean_std([x['knn20'] for x in s])} | {mean_std([x['knn200'] for x in s])} | "
+                     f"{mean_std([x['probe_best'] for x in s])} ({','.join(best_layers)}) | "
+                     f"{mean_std([x['probe_fc7'] for x in s])} | "
+                     f"{(f'{np.mean(nmi):.3f}') if nmi else '–'} | {np.mean([x['wall_seconds'] for x in s]) / 60:.1f} |")
+    lines += ["", "Accuracies in % (mean ± std over seeds); NMI is of the last clustering (or of the labels' own "
+              "clusters for supervised) against the true classes, geometric normalisation (PAPER.md Eq. (18))."]
+    open(os.path.join(a.results, "table.md"), "w").write("\n".join(lines) + "\n")
+    json.dump({m: [summary(r) for r in runs] for m, runs in rows.items()},
+              open(os.path.join(a.results, "table.json"), "w"), indent=1)
+    plot_layers(a, rows)
+    print("\n".join(lines), flush=True)
+
+
+def plot_layers(a, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, runs in rows.items():
+        layers = [str(i) for i in range(1, 14)] + ["fc7"]
+        acc = np.array([[summary(r)["layers"].get(l, np.nan) for l in layers] for r in runs], dtype=float)
+        if np.all(np.isnan(acc)):
+            continue
+        m, s = np.nanmean(acc, 0) * 100, np.nanstd(acc, 0) * 100
+        ax.plot(layers, m, marker="o", label=method)
+        ax.fill_between(layers, m - s, m + s, alpha=0.15)
+    ax.set_xlabel("layer (conv1..conv13, fc7)")
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title(f"{a.data}: linear probe per layer (mean ± std over {len(a.seeds)} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.results, "layers.png"), dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--subset", type=int, default=10000)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--reassign", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--k", type=int, default=160)
+    p.add_argument("--m", type=int, default=4, help="super-clusters (S = 4m for DeeperCluster)")
+    p.add_argument("--pca_dim", type=int, default=64)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--k_sweep", type=int, nargs="*", default=[10, 50, 200, 1000])
+    p.add_argument("--model_flags", nargs="*", default=[])
+    p.add_argument("--train_flags", nargs="*", default=[])
+    p.add_argument("--eval_flags", nargs="*", default=[])
+    p.add_argument("--results", default="")
+    a = p.parse_args()
+    a.results = a.results or os.path.join(ROOT, "results", a.data.split(":")[0])
+    os.makedirs(a.results, exist_ok=True)
+    json.dump(vars(a), open(os.path.join(a.results, "settings.json"), "w"), indent=1)
+    rows = {}
+    for seed in a.seeds:  # seeds outermost: after the first pass a complete (1-seed) table already exists
+        for method in a.methods:
+            print(f"== {method} seed {seed}", flush=True)
+            rows.setdefault(method, []).append(one_run(a, method, seed))
+            write_table(a, rows)
+    lines = ["| k (total) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |", "|---|---|---|---|---|---|"]
+    for k in a.k_sweep:  # the paper's Figure 1 varies k; one seed here
+        m = min(a.m, k)
+        r = summary(one_run(a, "deepercluster", 0, extra=["--k", str(k), "--super_clusters", str(m)], name=f"ksweep_k{k}"))
+        lines.append(f"| {k} | {k // m} | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} | "
+                     f"{100 * r['probe_fc7']:.1f} | {r['nmi_labels'] if r['nmi_labels'] is not None else '–'} |")
+        open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
