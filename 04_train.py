@@ -450,6 +450,8 @@ def main(cfg):
         heads.load_state_dict(ck["heads"])
         opts[0].load_state_dict(ck["optimizer"])
         opts[1].load_state_dict(ck["head_optimizer"])
+        for group in opts[0].param_groups + opts[1].param_groups:
+            group.update(sgd)  # the flags win over the saved hyper-parameters (e.g. a lower --lr after a NaN)
         set_rng_states(ck["rng"], rank)
         st = {k: ck[k] for k in STATE}
         common.log(f"resuming {last}: epoch {st['epoch']}, iteration {st['iteration']}")

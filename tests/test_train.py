@@ -1,0 +1,267 @@
+"""Stage 04: targets, the uniform sampler (Eq. (14)), head reset, checkpoint compatibility, and subprocess runs:
+2 short epochs, exact resume after SIGKILL in mid-epoch (labels kept in mid-period), the NaN guard, the refusal
+of an incompatible checkpoint. Tiny everything: width 1/16, 32 px, synthetic:160, one thread per process."""
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+t4 = importlib.import_module("04_train")  # 04_train.py
+m02 = importlib.import_module("02_model")  # 02_model.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+TINY = ["--data", "synthetic:160", "--subset", "0", "--k", "16", "--super_clusters", "2", "--pca_dim", "16",
+        "--batch_size", "32", "--workers", "0", "--epochs", "2", "--deterministic", "--ckpt_every", "2"]
+
+
+def train(out, *extra, env=None):
+    return subprocess.run([sys.executable, "04_train.py", "--out_dir", str(out), *TINY, *extra], cwd=ROOT,
+                          env=env or ENV, capture_output=True, text=True, timeout=300)
+
+
+# ---- targets, Eq. (6)-(7) ----
+@pytest.mark.parametrize("rotate", [True, False])
+def test_targets_round_trip(rotate):
+    g = torch.Generator().manual_seed(0)
+    u, z = torch.randint(5, (100,), generator=g), torch.randint(7, (100,), generator=g)
+    r = torch.randint(4, (100,), generator=g) if rotate else torch.zeros(100, dtype=torch.long)
+    s, z2 = t4.make_targets(u, z, r, rotate)
+    u2, r2 = t4.split_super(s, rotate)
+    assert torch.equal(u2, u) and torch.equal(r2, r) and torch.equal(z2, z)
+    if rotate:
+        assert torch.equal(s, 4 * u + r)  # the official numbering
+
+
+class Src(list):  # len() works, labels / classes attributes
+    pass
+
+
+def source(n=120, labels=True):
+    s = Src(range(n))
+    s.labels = np.arange(n) % 6 if labels else None
+    s.classes = [str(i) for i in range(6)] if labels else None
+    return s
+
+
+@pytest.mark.parametrize("method,S,k_s,rotate", [("deepercluster", 8, 8, True), ("rotnet", 4, 1, True),
+                                                 ("deepcluster", 2, 8, False), ("supervised", 1, 6, False)])
+def test_methods_and_round_trip(method, S, k_s, rotate):
+    cfg = t4.Config(method=method, k=16, super_clusters=2)
+    st = t4.method_setup(cfg, source())
+    assert (st["S"], st["k_s"], st["rotate"]) == (S, k_s, rotate)
+    s = torch.arange(S)
+    u, r = t4.split_super(s, rotate)
+    assert torch.equal(t4.make_targets(u, torch.zeros_like(u), r, rotate)[0], s)  # every super-class round-trips
+    if method == "supervised":
+        assert np.array_equal(st["sub"], np.arange(120) % 6) and not st["super"].any()
+
+
+def test_method_errors():
+    with pytest.raises(common.UserError, match="labelled"):
+        t4.method_setup(t4.Config(method="supervised"), source(labels=False))
+    with pytest.raises(common.UserError, match="multiple"):
+        t4.method_setup(t4.Config(k=10, super_clusters=4), source())
+    with pytest.raises(common.UserError, match="unknown"):
+        t4.method_setup(t4.Config(method="simclr"), source())
+
+
+# ---- the uniform sampler, Eq. (14) ----
+def labels_with_gaps():
+    """3 super-clusters of very different sizes; sub-class ids with gaps (empty sub-classes) and a singleton."""
+    u = np.array([0] * 300 + [1] * 40 + [2] * 5)
+    z = np.concatenate([np.arange(300) % 3 * 2, np.r_[np.zeros(39, int), 7], np.arange(5) % 2])  # u=0: z in {0,2,4}
+    return u.astype(np.int64), z.astype(np.int64)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_sampler_balanced(rotate):
+    u, z = labels_with_gaps()
+    S, E = (12, 1200) if rotate else (3, 1200)
+    idx, rot = t4.uniform_plan(u, z, S, rotate, E, np.random.default_rng(0))
+    assert len(idx) == len(rot) == E and idx.dtype == rot.dtype == np.int64
+    s = t4.make_targets(u[idx], z[idx], rot, rotate)[0]
+    assert np.array_equal(np.bincount(s, minlength=S), np.full(S, E // S))  # super-classes exactly balanced
+    if not rotate:
+        assert not rot.any()
+    for sc in range(S):
+        uu = sc // 4 if rotate else sc
+        counts = np.bincount(z[idx[s == sc]])
+        nonempty = np.unique(z[u == uu])
+        assert set(np.flatnonzero(counts)) == set(nonempty)  # every non-empty sub-class, and only those
+        assert counts[nonempty].max() - counts[nonempty].min() <= 1  # balanced within 1
+        if rotate:
+            assert (rot[s == sc] == sc % 4).all()
+    # the singleton sub-class (u=1, z=7, one image) is drawn with replacement; big ones without
+    single = np.flatnonzero((u == 1) & (z == 7))[0]
+    assert (idx == single).sum() == (4 if rotate else 1) * (E // S) // 2 and (idx == single).sum() > 1
+    if rotate:
+        big = idx[s == 0]  # 100 draws over 3 sub-classes of 100 images: no replacement needed, none used
+        assert len(np.unique(big)) == len(big)
+
+
+def test_sampler_deterministic_and_remainder():
+    u, z = labels_with_gaps()
+    a = t4.uniform_plan(u, z, 12, True, 1001, np.random.default_rng([0, 3]))
+    b = t4.uniform_plan(u, z, 12, True, 1001, np.random.default_rng([0, 3]))
+    c = t4.uniform_plan(u, z, 12, True, 1001, np.random.default_rng([0, 4]))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and not np.array_equal(a[0], c[0])
+    s = t4.make_targets(u[a[0]], z[a[0]], a[1], True)[0]
+    assert len(s) == 1001 and set(np.bincount(s, minlength=12)) <= {83, 84}
+
+
+def test_sampler_empty_super_cluster_and_rotnet():
+    u = np.r_[np.zeros(50, int), np.full(50, 2)]  # super-cluster 1 is empty: its super-classes get nothing
+    idx, rot = t4.uniform_plan(u, np.zeros(100, int), 12, True, 400, np.random.default_rng(0))
+    s = t4.make_targets(u[idx], 0, rot, True)[0]
+    assert len(idx) == 400 and np.array_equal(np.bincount(s, minlength=12), [50] * 4 + [0] * 4 + [50] * 4)
+    zeros = np.zeros(100, np.int64)  # RotNet: uniform over images, each rotation E/4 times
+    idx, rot = t4.uniform_plan(zeros, zeros, 4, True, 100, np.random.default_rng(0))
+    assert np.array_equal(np.bincount(rot), [25] * 4)
+
+
+# ---- head reset after a clustering round ----
+@pytest.mark.parametrize("reset_V", [True, False])
+def test_head_reset(reset_V):
+    heads = m02.Heads(8, 4, 3)
+    opt = torch.optim.SGD(heads.parameters(), lr=0.1, momentum=0.9)
+    f, s, z = torch.rand(6, 8), torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([0, 1, 2, 0, 1, 2])
+    m02.hierarchical_loss(heads, f, s, z)["loss"].backward()
+    opt.step()
+    before = {k: v.clone() for k, v in heads.state_dict().items()}
+    t4.reset_heads(heads, opt, torch.Generator().manual_seed(1), reset_V)
+    after = heads.state_dict()
+    assert not torch.equal(before["W"], after["W"]) and not torch.equal(before["b"], after["b"])
+    assert torch.equal(before["V.weight"], after["V.weight"]) != reset_V
+    assert heads.W not in opt.state and heads.b not in opt.state  # fresh momentum for the new heads
+    assert (heads.V.weight in opt.state) != reset_V
+    other = m02.Heads(8, 4, 3)
+    t4.reset_heads(other, torch.optim.SGD(other.parameters(), lr=0.1), torch.Generator().manual_seed(1), True)
+    if reset_V:  # the same generator seed gives the same heads (on every rank, and after a resume)
+        assert all(torch.equal(after[k], other.state_dict()[k]) for k in after)
+
+
+# ---- the distributed helpers, single-process checks (2-process ones in test_dist_train.py) ----
+def test_rank_batches_union_is_global_batch():
+    one = t4.rank_batches(100, 8, 0, 1)
+    two = [t4.rank_batches(100, 8, r, 2, start=3) for r in range(2)]
+    assert len(one) == 12 and one[0] == list(range(8))  # the incomplete last batch is dropped
+    for b, (a0, a1) in enumerate(zip(*two), start=3):
+        assert sorted(a0 + a1) == one[b] and len(a0) == len(a1) == 4
+    with pytest.raises(common.UserError, match="multiple"):
+        t4.rank_batches(100, 9, 0, 2)
+
+
+def test_convert_sync_bn_keeps_weights():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5))
+    net(torch.randn(6, 3, 3, 3))  # training step: running statistics move
+    params = [id(p) for p in net.parameters()]
+    x = torch.randn(6, 3, 3, 3)
+    ref = net.eval()(x)
+    t4.convert_sync_bn(net)
+    assert isinstance(net[1], t4.SyncBatchNorm) and isinstance(net[4], t4.SyncBatchNorm)
+    assert [id(p) for p in net.parameters()] == params  # the optimizer's parameters are still the model's
+    assert torch.equal(net(x), ref)  # eval mode: running statistics, nothing to synchronise
+
+
+def test_incompatible_lists_differences():
+    cfg = t4.Config(k=16, super_clusters=2, data="synthetic:160")
+    arch = dict(width=0.0625, image_size=32, sobel=True, fc_dim=256)
+    ck = {"config": dataclasses.asdict(cfg), "arch": dict(arch)}
+    assert t4.incompatible(ck, cfg, arch) == []
+    ck["config"]["k"], ck["config"]["method"], ck["arch"]["width"] = 32, "rotnet", 0.125
+    diff = "; ".join(t4.incompatible(ck, cfg, arch))
+    assert "--k 32 there vs 16 now" in diff and "'rotnet' there vs 'deepercluster' now" in diff and "width" in diff
+
+
+# ---- subprocess runs ----
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Init checkpoint, then run A: 2 uninterrupted epochs (deterministic, a checkpoint every 2 iterations)."""
+    base = tmp_path_factory.mktemp("train")
+    init = base / "02_model_init.pt"
+    p = subprocess.run([sys.executable, "02_model.py", "--out_dir", str(base), "--width", "0.0625", "--image_size",
+                        "32"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    a = base / "a"
+    p = train(a, "--init", str(init))
+    assert p.returncode == 0, p.stderr
+    return SimpleNamespace(base=base, init=init, a=a, out_a=p.stdout + p.stderr)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_two_epochs_outputs(runs):
+    a = runs.a
+    for f in ("03_kmeans_ep000.npz", "03_kmeans_ep000.json", "04_train_last.pt", "04_train_ep002.pt",
+              "04_train_log.jsonl", "04_train_curves.png"):
+        assert (a / f).exists(), f
+    assert not (a / "03_kmeans_ep001.npz").exists()  # T = 3: one clustering in 2 epochs
+    lines = [json.loads(s) for s in (a / "04_train_log.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1]
+    assert set(lines[0]) >= {"epoch", "loss", "loss_super", "loss_sub", "acc_super", "acc_sub", "acc_joint",
+                             "nmi_prev", "nmi_labels", "ari_labels", "n_empty", "cluster_min", "cluster_max",
+                             "seconds", "images_per_s", "lr"}
+    assert lines[0]["nmi_labels"] is not None and lines[1]["nmi_labels"] is None  # no clustering at epoch 1
+    ck = load(a / "04_train_last.pt")
+    assert ck["stage"] == "04_train" and ck["epoch"] == 2 and ck["method"] == "deepercluster"
+    assert ck["super"].shape == ck["sub"].shape == (160,) and ck["super"].dtype == torch.long
+    assert ck["pca_proj"].shape == (256, 16) and ck["centroids_sub"].shape == (2, 8, 16)
+    m02.load_trunk(str(a / "04_train_last.pt"))  # 05 reads it through 02's loader
+
+
+def test_kill_and_resume_is_exact_and_keeps_labels(runs):
+    b = runs.base / "b"
+    # 5 iterations per epoch; a checkpoint every 2: killed after global iteration 8 = epoch 1 iteration 3, the last
+    # checkpoint is at epoch 1 iteration 2: the resume redoes iteration 3 and must land on the same weights.
+    p = train(b, "--init", str(runs.init), env=dict(ENV, DC_TEST_KILL_AT_ITER="8"))
+    assert p.returncode == -9, p.stderr
+    ck = load(b / "04_train_last.pt")
+    assert (ck["epoch"], ck["iteration"]) == (1, 2)
+    p = train(b, "--init", str(runs.init))
+    assert p.returncode == 0 and "resuming" in p.stdout, p.stderr
+    assert not (b / "03_kmeans_ep001.npz").exists()  # epoch 1 of a T = 3 period: no new clustering...
+    ca, cb = load(runs.a / "04_train_last.pt"), load(b / "04_train_last.pt")
+    assert torch.equal(ca["super"], cb["super"]) and torch.equal(ca["sub"], cb["sub"])  # same clustering at epoch 0
+    npz = common.load_npz(b / "03_kmeans_ep000.npz")
+    assert np.array_equal(cb["super"].numpy(), npz["super"]) and np.array_equal(cb["sub"].numpy(), npz["sub"])
+    for key in ("model", "heads"):  # ...and the very same weights as the uninterrupted run
+        assert all(torch.equal(ca[key][n], cb[key][n]) for n in ca[key]), key
+    assert ca["metrics"] == cb["metrics"] or all(  # the log too, except wall-clock times
+        {k: v for k, v in x.items() if k not in ("seconds", "images_per_s")} ==
+        {k: v for k, v in y.items() if k not in ("seconds", "images_per_s")} for x, y in zip(ca["metrics"], cb["metrics"]))
+
+
+def test_nan_guard_keeps_last_good_checkpoint(runs):
+    c = runs.base / "c"
+    shutil.copytree(runs.a, c)
+    digest = hashlib.sha256((c / "04_train_last.pt").read_bytes()).hexdigest()
+    p = train(c, "--init", str(runs.init), "--epochs", "3", "--lr", "1e38")  # diverges at once
+    assert p.returncode == 1, p.stderr
+    assert "non-finite loss at epoch 2" in p.stderr and "last good state" in p.stderr
+    assert hashlib.sha256((c / "04_train_last.pt").read_bytes()).hexdigest() == digest
+
+
+def test_incompatible_checkpoint_refused(runs):
+    p = train(runs.a, "--init", str(runs.init), "--k", "24", "--method", "deepcluster")
+    assert p.returncode == 2
+    assert "incompatible" in p.stderr and "--k 16 there vs 24 now" in p.stderr and "'deepcluster' now" in p.stderr
+    cfg = t4.Config(out_dir=str(runs.a), init=str(runs.init), data="synthetic:160", subset=0, k=24, super_clusters=2)
+    trunk, ck = t4.load_start(dataclasses.replace(cfg, force=True), str(runs.a / "04_train_last.pt"))
+    assert ck is None  # --force: start afresh from the init checkpoint
+    trunk, ck = t4.load_start(dataclasses.replace(cfg, k=16), str(runs.a / "04_train_last.pt"))
+    assert ck["epoch"] == 2  # the compatible one resumes
