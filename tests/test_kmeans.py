@@ -1,0 +1,293 @@
+"""Oracle tests for 03_kmeans.py: Lloyd vs faiss.Kmeans and a NumPy brute force, the empty-cluster policy (§4.4),
+PCA-whitening (Eq. (10)-(11)), two-level consistency, guard rails, diagnostics, and the stage end to end."""
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+import common
+
+km = importlib.import_module("03_kmeans")  # 03_kmeans.py
+
+
+def mixture(n=1200, D=16, k=8, sep=8.0, seed=0):
+    """A well-separated Gaussian mixture: (x (n, D) float32, true component (n,))."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, D)) * sep
+    y = rng.integers(0, k, size=n)
+    return (centers[y] + rng.normal(size=(n, D))).astype(np.float32), y
+
+
+def good_seed(y, k):
+    """A seed whose init points hit every true component, so that a correct Lloyd loop must recover them."""
+    return next(s for s in range(10000) if len(set(y[km.init_indices(len(y), k, np.random.default_rng(s))])) == k)
+
+
+def lloyd_np(x, c, niter):
+    """Brute-force NumPy reference (float64): niter E+M steps, then a final E-step. Returns (labels, objective)."""
+    x, c = x.astype(np.float64), c.astype(np.float64)
+    for it in range(niter + 1):
+        d2 = ((x[:, None, :] - c[None]) ** 2).sum(-1)  # (n, k)
+        a = d2.argmin(1)
+        if it < niter:
+            c = np.stack([x[a == j].mean(0) if (a == j).any() else c[j] for j in range(len(c))])
+    return a, d2.min(1).mean()
+
+
+# ---- k-means: oracles ----
+@pytest.fixture(scope="module")
+def gm():
+    x, y = mixture()
+    return x, y, good_seed(y, 8)
+
+
+def test_kmeans_matches_numpy_and_faiss_and_recovers_clusters(gm):
+    faiss = pytest.importorskip("faiss")
+    x, y, seed = gm
+    c, a, st = km.kmeans(x, 8, niter=10, seed=seed, backend="torch")
+    assert len(st["objective"]) == 11 and st["n_empty_split"] == 0
+    init = x[km.init_indices(len(x), 8, np.random.default_rng(seed))]
+    a_np, obj_np = lloyd_np(x, init, 10)
+    assert abs(st["objective"][-1] - obj_np) <= 0.01 * obj_np
+    assert (a.numpy() == a_np).all()
+    f = faiss.Kmeans(x.shape[1], 8, niter=10, seed=seed, max_points_per_centroid=10 ** 6)
+    f.train(x, init_centroids=init)
+    obj_faiss = ((x[:, None] - f.centroids[None]) ** 2).sum(-1).min(1).mean()  # faiss's centroids, final E-step
+    assert abs(st["objective"][-1] - obj_faiss) <= 0.01 * obj_faiss
+    assert normalized_mutual_info_score(y, a.numpy(), average_method="geometric") > 0.95
+    assert st["objective"] == sorted(st["objective"], reverse=True)  # Lloyd never increases the objective
+    assert torch.allclose(c, torch.from_numpy(f.centroids), atol=1e-4)
+
+
+def test_torch_and_faiss_backends_agree(gm):
+    pytest.importorskip("faiss")
+    x, _, _ = gm
+    c1, a1, s1 = km.kmeans(x, 12, niter=5, seed=3, backend="torch")  # 12 > 8 components: a non-trivial run
+    c2, a2, s2 = km.kmeans(x, 12, niter=5, seed=3, backend="faiss")
+    assert torch.equal(a1, a2) and torch.allclose(c1, c2, atol=1e-5)
+    assert np.allclose(s1["objective"], s2["objective"], rtol=1e-5)
+
+
+def test_kmeans_deterministic_and_distinct_init():
+    x, _ = mixture(n=300, seed=1)
+    r1, r2 = km.kmeans(x, 10, niter=3, seed=5), km.kmeans(x, 10, niter=3, seed=5)
+    assert torch.equal(r1[1], r2[1]) and torch.equal(r1[0], r2[0])
+    idx = km.init_indices(300, 300, np.random.default_rng(0))
+    assert len(set(idx.tolist())) == 300
+
+
+# ---- §4.4 empty clusters ----
+def check_partition(a, n, k):
+    sizes = np.bincount(a.numpy(), minlength=k)
+    assert a.shape == (n,) and a.dtype == torch.int64 and a.min() >= 0 and a.max() < k  # one label per point
+    assert sizes.sum() == n and (sizes > 0).all()  # counts conserved, no empty cluster (n >= k)
+
+
+def test_empty_clusters_duplicated_points():
+    # 6 distinct points, each 10 times, and k = 20: the init draws coinciding points, so clusters go empty at
+    # every iteration and after the final E-step; the policy must still leave none empty.
+    base = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    x = np.repeat(base, 10, axis=0)
+    for backend in ("torch", "faiss") if km.faiss is not None else ("torch",):
+        c, a, st = km.kmeans(x, 20, niter=4, seed=0, backend=backend)
+        check_partition(a, 60, 20)
+        assert st["n_empty_split"] > 0 and st["n_empty_final"] > 0
+        # every cluster holds copies of one point only: splitting never mixes distinct points
+        assert all(len(np.unique(x[a.numpy() == j], axis=0)) == 1 for j in range(20))
+
+
+def test_split_empty_draws_donors_with_two_or_more_points():
+    c = torch.arange(12, dtype=torch.float32).reshape(4, 3) + 1
+    counts = torch.tensor([0.0, 1.0, 5.0, 0.0])
+    c2, n = km._split_empty(c.clone(), counts, np.random.default_rng(0))
+    assert n == 2
+    assert torch.equal(c2[1], c[1])  # a single-point cluster is never a donor (p ∝ n_c − 1 = 0)
+    for j in (0, 2, 3):  # every re-seeded centroid is a relative ±1/1024 perturbation of cluster 2's
+        assert torch.allclose(c2[j], c[2], rtol=2.1 / 1024) and not torch.equal(c2[j], c[2])
+    assert len({tuple(r.tolist()) for r in c2}) == 4
+
+
+def test_fix_empty_moves_points_by_side_and_by_index():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(40, 4)).astype(np.float32))
+    a = torch.zeros(40, dtype=torch.long)  # everything in cluster 0, clusters 1 and 2 empty
+    c = torch.zeros(3, 4)
+    a2, c2, n = km._fix_empty(x, a.clone(), c.clone(), np.random.default_rng(0), 0)
+    check_partition(a2, 40, 3)
+    assert n == 2
+    for j in range(3):  # centroids are the means of their members after the move
+        assert torch.allclose(c2[j], x[a2 == j].mean(0), atol=1e-5)
+    same = torch.ones(9, 4)  # all members coincide: the last ⌊n_c/2⌋ in index order move
+    a3, _, _ = km._fix_empty(same, torch.zeros(9, dtype=torch.long), torch.zeros(2, 4), np.random.default_rng(0), 0)
+    assert a3.tolist() == [0] * 5 + [1] * 4
+
+
+# ---- §4.2 PCA-whitening ----
+def test_pca_whitening_identity_covariance_and_unit_norm():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3000, 20)) @ rng.normal(size=(20, 20)) + 3).astype(np.float32)
+    mean, proj = km.fit_pca(x, 8)
+    assert mean.shape == (20,) and proj.shape == (20, 8)
+    h = (torch.from_numpy(x).double() - mean.double()) @ proj.double()
+    cov = h.T @ h / len(h)
+    assert torch.allclose(cov, torch.eye(8, dtype=torch.float64), atol=1e-3)  # whitened on the kept dims
+    lam = np.linalg.eigvalsh(np.cov(x.T, bias=True))[::-1][:8]  # the D largest directions are kept
+    assert np.allclose(np.sort(1 / (proj.double() ** 2).sum(0).numpy())[::-1], lam, rtol=1e-3)
+    g = km.apply_pca(x, mean, proj)
+    assert torch.allclose(g.norm(dim=1), torch.ones(3000), atol=1e-5)
+    m0, p0 = km.fit_pca(x, 0)  # pca_dim 0: no PCA, only L2-normalisation
+    assert torch.allclose(km.apply_pca(x, m0, p0), torch.nn.functional.normalize(torch.from_numpy(x), dim=1))
+
+
+def test_pca_rank_deficient_and_sample():
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(500, 3)) @ rng.normal(size=(3, 10))).astype(np.float32)  # rank 3 in 10 dims
+    mean, proj = km.fit_pca(x, 6)
+    assert torch.isfinite(proj).all() and torch.isfinite(km.apply_pca(x, mean, proj)).all()  # floor 1e-5 max λ
+    m1, p1 = km.fit_pca(x, 2, sample=100, seed=0)
+    m2, p2 = km.fit_pca(x, 2, sample=100, seed=0)
+    assert torch.equal(m1, m2) and torch.equal(p1, p2) and not torch.allclose(m1, torch.from_numpy(x.mean(0)))
+
+
+# ---- guard rails: each names its flag ----
+def test_guard_rails(capsys):
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    with pytest.raises(common.UserError, match="--pca_dim 9"):
+        km.fit_pca(x, 9)  # > d
+    with pytest.raises(common.UserError, match="--pca_dim 8 is larger than the 5 samples"):
+        km.fit_pca(x, 8, sample=5)  # > samples
+    km.fit_pca(x, 8)  # 30 samples >= 8·7/2 = 28: no warning
+    assert "warning" not in capsys.readouterr().out
+    km.check_pca(64, 512, 1000)
+    assert "consider --pca_dim 45" in capsys.readouterr().out  # 1000 < 64·63/2 = 2016
+    with pytest.raises(common.UserError, match="--k 31"):
+        km.two_level(x, 31, 1)
+    with pytest.raises(common.UserError, match="--super_clusters 31"):
+        km.two_level(x, 31, 31)
+    with pytest.raises(common.UserError, match="--k 10 is not a multiple of --super_clusters 3"):
+        km.two_level(x, 10, 3)
+    with pytest.raises(common.UserError, match="--k"):
+        km.kmeans(x, 31)
+    with pytest.raises(common.UserError, match="--kmeans_backend"):
+        km.kmeans(x, 3, backend="sklearn")
+
+
+# ---- two levels ----
+def test_two_level_consistency():
+    x, y = mixture(n=800, k=8, seed=2)
+    r = km.two_level(x, 12, 3, niter=5, seed=0)
+    u, z, k_s = r["super"], r["sub"], r["k_s"]
+    assert k_s == 4 and r["centroids_super"].shape == (3, 16) and r["centroids_sub"].shape == (3, 4, 16)
+    assert u.min() >= 0 and u.max() < 3 and z.min() >= 0 and z.max() < k_s
+    check_partition(u * k_s + z, 800, 12)  # every (u, z) is non-empty and lies in exactly one super-cluster
+    for v in range(3):  # level 2 is k-means on the super-cluster's members alone
+        _, zv, _ = km.kmeans(x[u.numpy() == v], k_s, niter=5, seed=1 + v)
+        assert torch.equal(zv, z[u == v])
+    r1 = km.two_level(x, 4, 1, niter=2)  # m = 1: level 1 skipped
+    assert (r1["super"] == 0).all() and torch.allclose(r1["centroids_super"][0], torch.from_numpy(x).mean(0), atol=1e-4)
+    r2 = km.two_level(x, 3, 3, niter=2)  # k_s = 1: level 2 skipped
+    assert (r2["sub"] == 0).all() and r2["stats"]["objective_sub"] == []
+
+
+def test_two_level_small_super_cluster(capsys):
+    # two big blobs and a far-away pair: with m = 3 the pair is a super-cluster with 2 < k_s = 5 points
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(60, 4)), rng.normal(size=(60, 4)) + 30, rng.normal(size=(2, 4)) - 30])
+    y = np.array([0] * 60 + [1] * 60 + [2] * 2)
+    seed = good_seed(y, 3)
+    r = km.two_level(x.astype(np.float32), 15, 3, niter=3, seed=seed)
+    small = [v for v in range(3) if (r["super"] == v).sum() == 2]
+    assert len(small) == 1 and r["stats"]["n_small_super"] == 1
+    assert sorted(r["sub"][r["super"] == small[0]].tolist()) == [0, 1]  # each point its own sub-class
+    assert "fewer points than k_s = 5" in capsys.readouterr().out
+    flat = (r["super"] * 5 + r["sub"]).numpy()
+    assert len(np.unique(flat)) == 5 + 5 + 2  # the small super-cluster's 3 other ids stay empty
+
+
+# ---- diagnostics ----
+def test_diagnostics_nmi_and_histogram():
+    x, y = mixture(n=400, k=4, seed=3)
+    r = km.two_level(x, 8, 2, niter=3)
+    perm = {"super": 1 - r["super"], "sub": r["sub"], "k_s": r["k_s"]}  # the same partition, renamed
+    dg = km.diagnostics(r, labels=y, prev=perm)
+    assert dg["nmi_prev"] == pytest.approx(1.0)
+    flat = (r["super"] * 4 + r["sub"]).numpy()
+    assert dg["nmi_labels"] == pytest.approx(normalized_mutual_info_score(y, flat, average_method="geometric"))
+    assert sum(dg["sizes"]["histogram"].values()) == 8 and dg["sizes"]["n_empty"] == 0
+    assert dg["nmi_labels"] != pytest.approx(normalized_mutual_info_score(y, flat[::-1]))
+    assert km.diagnostics(r, prev=np.zeros(3, dtype=np.int64))["nmi_prev"] is None  # N changed
+
+
+# ---- the stage: cluster() with a tiny stand-in trunk, then save_clustering ----
+class TinyTrunk(torch.nn.Module):
+    feature_dim = 24
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 24))
+
+    def forward(self, x):
+        return self.net(torch.nn.functional.adaptive_avg_pool2d(x, 8))
+
+
+class TinySource(torch.utils.data.Dataset):
+    def __init__(self, n=96):
+        from PIL import Image
+        rng = np.random.default_rng(0)
+        self.labels = rng.integers(0, 3, size=n).astype(np.int64)
+        noise = rng.integers(0, 60, size=(n, 16, 16, 3))
+        self.images = (noise + 90 * self.labels[:, None, None, None]).astype(np.uint8)  # 3 brightness classes
+        self.pil = [Image.fromarray(im) for im in self.images]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.pil[i], int(self.labels[i])
+
+
+class Cfg:
+    k, super_clusters, pca_dim, niter, seed = 6, 3, 8, 3, 0
+    batch_size, workers, image_size, kmeans_backend = 32, 0, 16, "auto"
+
+
+def test_cluster_and_save(tmp_path):
+    torch.manual_seed(0)
+    model, src = TinyTrunk(), TinySource()
+    model.train()
+    res = km.cluster(model, src, Cfg, torch.device("cpu"))
+    assert model.training  # the caller's mode is restored
+    assert res["super"].shape == (96,) and res["sub"].shape == (96,) and res["k_s"] == 2
+    assert res["pca_mean"].shape == (24,) and res["pca_proj"].shape == (24, 8)
+    dg = res["diagnostics"]
+    assert {"sizes", "n_empty_split", "objective", "nmi_labels", "ari_labels"} <= set(dg)
+    assert dg["sizes"]["n_empty"] == 0
+    feats = km.extract_features(model, importlib.import_module("01_data").ClusterDataset(src, 16), 7, "cpu")
+    model.eval()
+    ref = torch.cat([model(torch.stack([importlib.import_module("01_data").ClusterDataset(src, 16)[i][0]]))
+                     for i in range(96)]).detach()
+    assert torch.allclose(feats, ref, atol=1e-5)  # index order, batched == one by one
+    npz, js = km.save_clustering(res, str(tmp_path))
+    z = common.load_npz(npz)
+    assert set(z) == {"super", "sub", "centroids_super", "centroids_sub", "pca_mean", "pca_proj", "k_s"}
+    assert z["super"].dtype == np.int64 and os.path.exists(js)
+    res2 = km.cluster(model, src, Cfg, torch.device("cpu"), prev=z, epoch=1)
+    assert 0 <= res2["diagnostics"]["nmi_prev"] <= 1
+
+
+def test_main_script(tmp_path, capsys):
+    """The script end to end on 48 synthetic images with a 1/16-width trunk from 02_model.py."""
+    m02 = importlib.import_module("02_model")
+    out = str(tmp_path)
+    with pytest.raises(common.UserError, match="run 02_model.py"):
+        km.main(km.Config(out_dir=out, data="synthetic:48", subset=0))
+    m02.main(m02.Config(out_dir=out, width=0.0625, image_size=32, fc_dim=32, super_classes=8, k=4))
+    cfg = km.Config(out_dir=out, data="synthetic:48", subset=0, k=4, super_clusters=2, pca_dim=8, niter=2)
+    km.main(cfg)
+    z = common.load_npz(os.path.join(out, "03_kmeans.npz"))
+    assert z["super"].shape == (48,) and int(z["k_s"]) == 2 and z["pca_proj"].shape == (32, 8)
+    km.main(cfg)  # a second run reads the first as the previous clustering: same seed, same result
+    assert "NMI prev 1.000" in capsys.readouterr().out
