@@ -177,13 +177,20 @@ def barrier():
 def all_reduce_sum(t, group=None):
     """In-place sum over ranks (of `group`); returns t. No-op in one process."""
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        c = t.contiguous()  # gloo silently scrambles non-contiguous tensors (e.g. eigh's column-major output)
+        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
+        if c.data_ptr() != t.data_ptr():
+            t.copy_(c)
     return t
 
 
 def broadcast(t, src=0):
+    """Rank src's value of t on every rank, in place (contiguous copy first, as for all_reduce_sum)."""
     if dist.is_initialized():
-        dist.broadcast(t, src)
+        c = t.contiguous()
+        dist.broadcast(c, src)
+        if c.data_ptr() != t.data_ptr():
+            t.copy_(c)
     return t
 
 
