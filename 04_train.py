@@ -1,4 +1,4 @@
-"""Stage 4: DeeperCluster's alternating training: cluster every T epochs (stage 03), learn the hierarchical loss in between.
+"""Stage 4: DeeperCluster's alternating training: cluster every T epochs (stage 03), train on Eq. (8) in between.
 
 At the start of every T-th epoch the current trunk's features are clustered in-process (03_kmeans.cluster): m super-
 clusters u, and k/m sub-classes z inside each. They define the targets of Eq. (6)-(7): super-class s = 4u + r (r = the
@@ -8,8 +8,8 @@ One loop serves four methods (PAPER.md §8): deepercluster (default), rotnet (S 
 rotation, S = m) and supervised (true labels as z: the upper baseline). 04_train_last.pt holds everything needed to
 resume exactly, also in the middle of an epoch (PAPER.md §11, pitfall 1); re-running the command resumes.
 
-Paper:  PAPER.md §2-§3 Eq. (6)-(9), §5 Eq. (14), §7 (SyncBN, gradient scale), §8 (special cases), §11 pitfalls 1 and 8.
-Reads:  <out_dir>/02_model_init.pt (trunk architecture + initial weights; or --init), <out_dir>/04_train_last.pt (resume)
+Paper:  PAPER.md §2-§3 Eq. (6)-(9), §5 Eq. (14), §7 (SyncBN, gradient scale), §8 (special cases), §11 pitfalls 1, 8.
+Reads:  <out_dir>/02_model_init.pt (trunk architecture + initial weights; or --init), 04_train_last.pt (to resume)
 Writes: <out_dir>/03_kmeans_ep{E:03d}.npz/.json (the clustering at the start of epoch E), 04_train_last.pt,
         04_train_ep{E:03d}.pt (state after E epochs), 04_train_log.jsonl (one line per epoch), 04_train_curves.png
 Run:    python 02_model.py --out_dir out && python 04_train.py --out_dir out
@@ -81,7 +81,7 @@ class Config:
 
 # ---- §8 four methods, one loop: the number of super-classes S, sub-classes k_s, rotation on or off ----
 def method_setup(cfg, source):
-    """-> dict(S, k_s, m, rotate, cluster, super, sub). super/sub (N,) are the fixed labels of non-clustering methods."""
+    """-> dict(S, k_s, m, rotate, cluster, super, sub); super/sub (N,): fixed labels of the non-clustering methods."""
     N, zeros = len(source), np.zeros(len(source), np.int64)
     if cfg.method == "rotnet":  # m = 1, k_s = 1: the sub-class loss is identically 0 and V (4 rotations) is never reset
         return dict(S=4, k_s=1, m=1, rotate=True, cluster=False, super=zeros, sub=zeros)
@@ -116,9 +116,9 @@ def split_super(s, rotate):
 # ---- §5.2 uniform sampling over pseudo-labels, Eq. (14) ----
 # P(n, r) = (1/S) (1/K_{u_n}) 1/|{n' : u_n' = u_n, z_n' = z_n}|,  s = 4 u_n + r
 def uniform_plan(super_, sub, S, rotate, E, rng):
-    """-> (indices (E,), rotations (E,)) int64: the epoch's sample order. Each super-class s gets E/S draws from its super-
-    cluster u, spread evenly over u's NON-EMPTY sub-classes and uniform inside each (with replacement only when a sub-
-    class has fewer images than its share), all rotated by r; then one shuffle. rng: an explicit np.random.Generator."""
+    """-> (indices (E,), rotations (E,)) int64, the epoch's sample order. Each super-class s gets E/S draws from its
+    super-cluster u, spread evenly over u's NON-EMPTY sub-classes and uniform inside each (with replacement only when
+    a sub-class has fewer images than its share), all rotated by r; then one shuffle. rng: a np.random.Generator."""
     kz = int(sub.max()) + 1
     flat = super_ * kz + sub  # (N,) one id per (u, z) pair
     order = np.argsort(flat, kind="stable")
@@ -134,7 +134,7 @@ def uniform_plan(super_, sub, S, rotate, E, rng):
         u, r = split_super(s, rotate)
         subs = groups[int(u)]  # the K_u non-empty sub-classes of u
         # DEVIATION(paper): the official code draws floor(E/(S K_u)) + 1 per sub-class and truncates the shuffled
-        # total; we hand out the same surplus at random, so super-classes get exactly E/S and sub-classes differ by <= 1.
+        # total; we drop the surplus at random, so every super-class gets exactly E/S and sub-classes differ by <= 1.
         per = np.full(len(subs), q // len(subs))
         per[rng.permutation(len(subs))[: q % len(subs)]] += 1
         idx += [rng.choice(mem, c, replace=len(mem) < c) for mem, c in zip(subs, per)]
@@ -245,17 +245,23 @@ def rank_batches(E, batch_size, rank, world, start=0):
     return [list(range(b * batch_size + rank, (b + 1) * batch_size, world)) for b in range(start, E // batch_size)]
 
 
-def rng_states(gather):
-    """Global RNG states; torch's (dropout masks) from every rank when `gather` (a collective call)."""
-    t = torch.get_rng_state()[None]  # (1, 5056) uint8
+def rng_states(device, gather):
+    """Global RNG states: torch's CPU and CUDA ones (dropout masks) from every rank when `gather` (a collective)."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    many = gather and common.world_size() > 1
     np_state = np.random.get_state()
-    return {"torch": common.all_gather_cat(t) if gather and common.world_size() > 1 else t,
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64))] + list(np_state[2:]),
-            "python": random.getstate()}
+    return {k: common.all_gather_cat(v[None].to(device)).cpu() if many else v[None] for k, v in mine.items()} | {
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64))] + list(np_state[2:]),
+        "python": random.getstate()}  # (world or 1, 5056) uint8 rows for torch, (NumPy, Python: for completeness)
 
 
-def set_rng_states(rng, rank):
-    torch.set_rng_state(rng["torch"][rank if rank < len(rng["torch"]) else 0])
+def set_rng_states(rng, rank, device):
+    row = lambda t: t[rank if rank < len(t) else 0]  # noqa: E731  (a resume on another world size: rank 0's state)
+    torch.set_rng_state(row(rng["torch"]))
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(row(rng["cuda"]), device)
     np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
     random.setstate(rng["python"])
 # ---- end DIST ----
@@ -268,7 +274,7 @@ COMPAT = ("method", "k", "super_clusters", "data", "subset", "image_size")
 
 
 def save(ctx, st, path, gather=True):
-    rng = rng_states(gather)  # collective under torchrun: every rank calls save
+    rng = rng_states(ctx.device, gather)  # collective under torchrun: every rank calls save
     if common.is_main():
         o0, o1 = ctx.opts
         common.save_ckpt(common.ckpt_header("04_train", ctx.cfg) | {
@@ -331,7 +337,7 @@ def start_epoch(ctx, st):
         # the sub-class heads W (and V when m > 1: super-cluster ids are arbitrary too) restart from scratch, with
         # fresh optimizer state. The trunk and its optimizer carry over (PAPER.md §5.1).
         reset_V = {"auto": setup["m"] > 1, "always": True, "never": False}[cfg.reset_super_head]
-        reset_heads(ctx.heads, ctx.opts[1], torch.Generator().manual_seed(cfg.seed * 7919 + e), reset_V)
+        reset_heads(ctx.heads, ctx.opts[1], torch.Generator(ctx.device).manual_seed(cfg.seed * 7919 + e), reset_V)
     else:
         st["round"] = {}
     E = cfg.epoch_size or len(ctx.source)
@@ -432,7 +438,8 @@ def main(cfg):
     trunk, ck = load_start(cfg, last)
     heads = m02.Heads(trunk.feature_dim, setup["S"], setup["k_s"])
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
-    model = wrap_model(Net(trunk, heads, cfg.sub_grad_scale).to(device, memory_format=fmt), device, world)  # BN -> synced BN if world > 1
+    net = Net(trunk, heads, cfg.sub_grad_scale).to(device, memory_format=fmt)
+    model = wrap_model(net, device, world)  # under torchrun: DDP, BatchNorm -> synced BatchNorm
     sgd = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     opts = (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),  # Sobel stays frozen
             torch.optim.SGD(heads.parameters(), **sgd))
@@ -445,14 +452,14 @@ def main(cfg):
         st = dict.fromkeys(STATE) | lab | dict(epoch=0, iteration=0, plan_indices=torch.zeros(0, dtype=torch.long),
                                                round={}, sums=torch.zeros(7, dtype=torch.float64), seconds=0.0,
                                                metrics=[])
-        reset_heads(heads, opts[1], torch.Generator().manual_seed(cfg.seed * 7919), True)
+        reset_heads(heads, opts[1], torch.Generator(device).manual_seed(cfg.seed * 7919), True)
     else:
         heads.load_state_dict(ck["heads"])
         opts[0].load_state_dict(ck["optimizer"])
         opts[1].load_state_dict(ck["head_optimizer"])
         for group in opts[0].param_groups + opts[1].param_groups:
             group.update(sgd)  # the flags win over the saved hyper-parameters (e.g. a lower --lr after a NaN)
-        set_rng_states(ck["rng"], rank)
+        set_rng_states(ck["rng"], rank, device)
         st = {k: ck[k] for k in STATE}
         common.log(f"resuming {last}: epoch {st['epoch']}, iteration {st['iteration']}")
     model.train()
