@@ -83,6 +83,9 @@ class Config:
 def method_setup(cfg, source):
     """-> dict(S, k_s, m, rotate, cluster, super, sub); super/sub (N,): fixed labels of the non-clustering methods."""
     N, zeros = len(source), np.zeros(len(source), np.int64)
+    if (cfg.epoch_size or N) < cfg.batch_size or cfg.reset_super_head not in ("auto", "always", "never"):
+        raise UserError(f"need --epoch_size (0 = N = {N}) >= --batch_size {cfg.batch_size} and --reset_super_head "
+                        f"in auto|always|never (got {cfg.epoch_size}, {cfg.batch_size}, {cfg.reset_super_head!r})")
     if cfg.method == "rotnet":  # m = 1, k_s = 1: the sub-class loss is identically 0 and V (4 rotations) is never reset
         return dict(S=4, k_s=1, m=1, rotate=True, cluster=False, super=zeros, sub=zeros)
     if cfg.method == "supervised":  # one super-class whose sub-class is the true label: plain cross-entropy
@@ -162,7 +165,10 @@ class Net(nn.Module):
         super().__init__()
         self.trunk, self.heads, self.sub_grad_scale = trunk, heads, sub_grad_scale
 
-    def forward(self, x, s, z):  # phi = fc7 before ReLU (B, d); sub_grad_scale: PAPER.md §7 (B_s of this rank's batch)
+    # DEVIATION(paper): mixed batches (every super-class in every batch, all heads in one process) instead of one
+    # super-class per GPU group, so by default W_s's gradient is B_s/B of the official per-group mean; --sub_grad_scale
+    # restores the official scale (PAPER.md §7; under torchrun B_s counts each rank's share of the batch).
+    def forward(self, x, s, z):  # phi = fc7 before ReLU: (B, d)
         return m02.hierarchical_loss(self.heads, self.trunk(x), s, z, sub_grad_scale=self.sub_grad_scale)
 
 
@@ -372,9 +378,11 @@ def train_epoch(ctx, st):
         bar.update()
         if cfg.ckpt_every and it % cfg.ckpt_every == 0 and it < n_iter:
             save(ctx, st, ctx.last)
-        # ---- TEST HOOK (tests/test_train.py only): simulate a crash right after global iteration N ----
-        if os.environ.get("DC_TEST_KILL_AT_ITER") == str(e * n_iter + it):
-            os.kill(os.getpid(), signal.SIGKILL)
+        # ---- TEST HOOK (tests/test_train.py only): DC_TEST_KILL_AT_ITER=N[:INT] sends this process SIGKILL (a crash)
+        # or SIGINT (Ctrl-C) right after global iteration N ----
+        hook = os.environ.get("DC_TEST_KILL_AT_ITER", "").split(":")
+        if hook[0] == str(e * n_iter + it):
+            os.kill(os.getpid(), signal.SIGINT if hook[1:] == ["INT"] else signal.SIGKILL)
     bar.close()
     m = (st["sums"][:-1] / st["sums"][-1].clamp(min=1)).tolist()
     return {"epoch": e, **dict(zip(KEYS, m)), **{key: st["round"].get(key) for key in

@@ -75,6 +75,8 @@ def test_method_errors():
         t4.method_setup(t4.Config(k=10, super_clusters=4), source())
     with pytest.raises(common.UserError, match="unknown"):
         t4.method_setup(t4.Config(method="simclr"), source())
+    with pytest.raises(common.UserError, match="epoch_size"):
+        t4.method_setup(t4.Config(epoch_size=10, batch_size=64), source())
 
 
 # ---- the uniform sampler, Eq. (14) ----
@@ -224,20 +226,23 @@ def test_two_epochs_outputs(runs):
     m02.load_trunk(str(a / "04_train_last.pt"))  # 05 reads it through 02's loader
 
 
-def test_kill_and_resume_is_exact_and_keeps_labels(runs):
+def test_kill_ctrl_c_and_resume_is_exact_and_keeps_labels(runs):
     b = runs.base / "b"
-    # 5 iterations per epoch; a checkpoint every 2: killed after global iteration 8 = epoch 1 iteration 3, the last
-    # checkpoint is at epoch 1 iteration 2: the resume redoes iteration 3 and must land on the same weights.
+    # 5 iterations per epoch, a checkpoint every 2. SIGKILL after global iteration 8 (epoch 1, iteration 3): the last
+    # checkpoint is at epoch 1 iteration 2, so the resume redoes iteration 3. It is then Ctrl-C'ed after iteration 9,
+    # which saves iteration 4, not a periodic one. The final weights must equal the uninterrupted run's.
     p = train(b, "--init", str(runs.init), env=dict(ENV, DC_TEST_KILL_AT_ITER="8"))
     assert p.returncode == -9, p.stderr
-    ck = load(b / "04_train_last.pt")
-    assert (ck["epoch"], ck["iteration"]) == (1, 2)
+    assert (load(b / "04_train_last.pt")["epoch"], load(b / "04_train_last.pt")["iteration"]) == (1, 2)
+    p = train(b, "--init", str(runs.init), env=dict(ENV, DC_TEST_KILL_AT_ITER="9:INT"))
+    assert p.returncode == 130 and "resuming" in p.stdout and "interrupted: saved" in p.stdout, p.stderr
+    assert (load(b / "04_train_last.pt")["epoch"], load(b / "04_train_last.pt")["iteration"]) == (1, 4)
     p = train(b, "--init", str(runs.init))
-    assert p.returncode == 0 and "resuming" in p.stdout, p.stderr
+    assert p.returncode == 0, p.stderr
     assert not (b / "03_kmeans_ep001.npz").exists()  # epoch 1 of a T = 3 period: no new clustering...
     ca, cb = load(runs.a / "04_train_last.pt"), load(b / "04_train_last.pt")
     assert torch.equal(ca["super"], cb["super"]) and torch.equal(ca["sub"], cb["sub"])  # same clustering at epoch 0
-    npz = common.load_npz(b / "03_kmeans_ep000.npz")
+    npz = common.load_npz(b / "03_kmeans_ep000.npz")  # ...the labels of epoch 0 were kept through both resumes
     assert np.array_equal(cb["super"].numpy(), npz["super"]) and np.array_equal(cb["sub"].numpy(), npz["sub"])
     for key in ("model", "heads"):  # ...and the very same weights as the uninterrupted run
         assert all(torch.equal(ca[key][n], cb[key][n]) for n in ca[key]), key
@@ -257,11 +262,13 @@ def test_nan_guard_keeps_last_good_checkpoint(runs):
 
 
 def test_incompatible_checkpoint_refused(runs):
-    p = train(runs.a, "--init", str(runs.init), "--k", "24", "--method", "deepcluster")
-    assert p.returncode == 2
-    assert "incompatible" in p.stderr and "--k 16 there vs 24 now" in p.stderr and "'deepcluster' now" in p.stderr
-    cfg = t4.Config(out_dir=str(runs.a), init=str(runs.init), data="synthetic:160", subset=0, k=24, super_clusters=2)
-    trunk, ck = t4.load_start(dataclasses.replace(cfg, force=True), str(runs.a / "04_train_last.pt"))
+    last = str(runs.a / "04_train_last.pt")
+    cfg = t4.Config(out_dir=str(runs.a), init=str(runs.init), data="synthetic:160", subset=0, k=24, super_clusters=2,
+                    method="deepcluster")
+    with pytest.raises(common.UserError, match="incompatible") as err:
+        t4.load_start(cfg, last)
+    assert "--k 16 there vs 24 now" in str(err.value) and "'deepcluster' now" in str(err.value)
+    trunk, ck = t4.load_start(dataclasses.replace(cfg, force=True), last)
     assert ck is None  # --force: start afresh from the init checkpoint
-    trunk, ck = t4.load_start(dataclasses.replace(cfg, k=16), str(runs.a / "04_train_last.pt"))
+    trunk, ck = t4.load_start(dataclasses.replace(cfg, k=16, method="deepercluster"), last)
     assert ck["epoch"] == 2  # the compatible one resumes
