@@ -427,6 +427,7 @@ def plot_curves(metrics, path):
                 ax.plot(*zip(*pts), "o-", label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
