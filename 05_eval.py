@@ -12,8 +12,11 @@ Writes: <out_dir>/05_eval.json (every number with its settings), 05_eval.md (the
 Run:    python 05_eval.py --out_dir out/demo                                   # random init vs trained, layers 2,4,7,10,13,fc7
         python 05_eval.py --out_dir out/demo --layers all --ckpt out/demo/04_train_ep009.pt
         python 05_eval.py --out_dir out/voc --ckpt deepercluster_vgg16.pth --voc voc2007:VOCdevkit/VOC2007 --voc_mode both
-Uses:   01_data.make_source / ClusterDataset / train_transform / rng_for, 02_model.load_trunk (+ VGG.conv_outputs)
-Single process only: every evaluation here is cheap next to training (the paper's 100-epoch ImageNet probes are not).
+Uses:   01_data.make_source / ClusterDataset / train_transform / rng_for, 02_model.load_trunk (+ VGG.conv_outputs),
+        04_train.plot_curves. Single process: at small scale every evaluation here is cheap next to training.
+Features: conv i = the ReLU output after conv i, average-pooled below 10,000 dims; "fc7" = ReLU(phi) for the probe (what
+the heads see), phi itself (fc7 before ReLU, the clustered feature, PAPER.md §4.1) for kNN. Deviations: cached center-crop
+features (--probe_aug for the paper's crops), standardised probe inputs, the last probe epoch reported (no test-set pick).
 """
 import copy
 import importlib
@@ -198,8 +201,13 @@ def run_probe(model, layer, x_tr, y_tr, x_te, y_te, n_classes, cfg, device, sour
         def epoch_batches(e):  # a seeded shuffle per epoch
             for idx in torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(cfg.seed * 1000 + e)).split(cfg.probe_batch):
                 yield x_tr[idx], y_tr[idx]
-    r = train_probe(epoch_batches, x_te.shape[1], n_classes, relu(x_te), y_te, cfg.probe_epochs, cfg.probe_lr, cfg.probe_wd,
-                    cfg.probe_standardize)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: thread synchronisation costs more than it saves (7x slower on a busy 2-core CPU)
+    try:
+        r = train_probe(epoch_batches, x_te.shape[1], n_classes, relu(x_te), y_te, cfg.probe_epochs, cfg.probe_lr,
+                        cfg.probe_wd, cfg.probe_standardize)
+    finally:
+        torch.set_num_threads(threads)
     return r | {"dim": x_te.shape[1], "seconds": round(time.time() - t0, 2)}
 
 
@@ -253,6 +261,7 @@ def cluster_grid(model, source, flat, path, n_clusters, per_row=8, device="cpu",
             if j < len(near):
                 ax.imshow(source[int(near[j])][0])
         axes[row][0].set_title(title, fontsize=7, loc="left")
+    fig.suptitle(f"the {len(top)} largest clusters: members nearest the cluster's mean fc7 feature", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -443,12 +452,9 @@ def load_checkpoint(path, sobel):
     if not os.path.exists(path):
         stage = "04_train.py" if "04_train" in path else "02_model.py" if "02_model" in path else "the stage that writes it"
         raise common.UserError(f"{path} does not exist: run {stage} first (or pass --ckpt)")
-    model, _ = model_lib.load_trunk(path)
-    try:  # our checkpoints carry config, method and the last assignments; an official one may not load weights_only
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        ck = {}
-    ck = ck if isinstance(ck, dict) and ck.get("format") == common.FORMAT else {}
+    model, _ = model_lib.load_trunk(path)  # ours or the official layout; unreadable files fail here, naming the file
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # ours also carry config, method and assignments
+    ck = ck if ck.get("format") == common.FORMAT else {}
     if sobel != "auto" and (sobel == "on") != bool(model.sobel):
         raise common.UserError(f"--sobel {sobel}, but {path} was built with sobel={bool(model.sobel)}; its arch decides: "
                                f"drop --sobel or pass --sobel {'on' if model.sobel else 'off'}")
@@ -545,6 +551,7 @@ def main(cfg):
             if te is not None and tr.labels is not None and te.labels is not None:
                 cache[key] |= {"y_tr": torch.as_tensor(tr.labels), "y_te": torch.as_tensor(te.labels),
                                "b_tr": input_batches(tr, model.image_size, cfg), "b_te": input_batches(te, model.image_size, cfg)}
+            common.log(f"{spec}: {len(tr)} train / {len(te) if te is not None else 0} test images, {time.time() - t0:.1f} s")
         if "b_tr" in cache[key]:
             r["probe"], r["knn"] = feature_evals(model, cache[key], layers, knn_layer, ks, cfg, device)
         else:
