@@ -53,7 +53,7 @@ class Config:
     probe_wd: float = 1e-5  # weight decay (paper: 1e-5)
     probe_batch: int = 256  # (paper: 256)
     probe_aug: bool = False  # paper variant: RandomResizedCrop+flip every epoch, features recomputed (slow); default: cached
-    probe_standardize: bool = True  # standardise features (BN without affine) before the linear layer; --no-probe_standardize = paper
+    probe_standardize: bool = True  # BN without affine before the linear layer; --no-probe_standardize = the paper
     knn_layer: str = "fc7"  # kNN feature: fc7 (phi, before ReLU) or a conv layer number 1..13 (pooled as for the probe)
     knn_k: str = "20,200"  # neighbours (common choice: 200)
     knn_tau: float = 0.07  # temperature of the vote weights exp(sim / tau)
@@ -82,7 +82,8 @@ POOL_OFFICIAL = {(64, 226): 18, (128, 113): 14, (256, 56): 9, (512, 28): 6, (512
 
 
 def probe_pool(C, H, max_dim=10000):
-    """Average-pool kernel (= stride) for a (C, H, H) map and the pooled shape (C, h, h): the largest grid with C*h*h < max_dim."""
+    """Average-pool kernel (= stride) for a (C, H, H) map, and the pooled shape (C, h, h): the largest grid with
+    C*h*h < max_dim."""
     k = POOL_OFFICIAL.get((C, H))
     if k is None:
         h = max([H // k for k in range(1, H + 1) if C * (H // k) ** 2 < max_dim], default=1)  # reachable grids H // k
@@ -120,7 +121,8 @@ def train_probe(epoch_batches, dim, n_classes, x_test, y_test, epochs, lr0, wd, 
             accs.append(sum((probe(x).argmax(1) == y).sum().item() for x, y in
                             zip(x_test.split(4096), y_test.split(4096))) / len(y_test))
     # Reported: the last epoch (choosing the best epoch on the test set, as DeepCluster's author did, is optimistic).
-    return {"acc": accs[-1], "acc_per_epoch": accs, "iterations": t, "lr_last": opt.param_groups[0]["lr"], "loss_last": loss.item()}
+    return {"acc": accs[-1], "acc_per_epoch": accs, "iterations": t, "lr_last": opt.param_groups[0]["lr"],
+            "loss_last": loss.item()}
 
 
 class CropView(torch.utils.data.Dataset):
@@ -199,7 +201,8 @@ def run_probe(model, layer, x_tr, y_tr, x_te, y_te, n_classes, cfg, device, sour
     else:  # DEVIATION(paper): center-crop features computed once and cached for all epochs, because CPU
         x_tr = relu(x_tr)
         def epoch_batches(e):  # a seeded shuffle per epoch
-            for idx in torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(cfg.seed * 1000 + e)).split(cfg.probe_batch):
+            order = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(cfg.seed * 1000 + e))
+            for idx in order.split(cfg.probe_batch):
                 yield x_tr[idx], y_tr[idx]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: thread synchronisation costs more than it saves (7x slower on a busy 2-core CPU)
@@ -305,6 +308,12 @@ def average_precision(scores, targets):
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))  # sum_i (R_i - R_{i-1}) P_i
 
 
+def mean_ap(scores, targets):
+    """(mAP, [AP_c]) over the columns of scores / targets (N, C): mAP = (1/C) sum_c AP_c, classes without positives left out."""
+    aps = [average_precision(scores[:, c], targets[:, c]) for c in range(targets.shape[1])]
+    return float(np.nanmean(aps)), aps
+
+
 class VOCSource(torch.utils.data.Dataset):
     """voc[j] -> (PIL image, targets (20,) in {1, 0, -1}) for one split of a VOCdevkit folder."""
     def __init__(self, root, split):
@@ -369,7 +378,8 @@ def voc_fit(net, train, mode, size, cfg, device):
 
 def voc_transfer(model, root, mode, cfg, device):
     """Train on voc_train_split (trainval or train), test on test (or val): mAP and AP per class, for fc6-8 or all."""
-    t0, size, test_split = time.time(), cfg.voc_image_size or model.image_size, "test" if cfg.voc_train_split == "trainval" else "val"
+    t0, size = time.time(), cfg.voc_image_size or model.image_size
+    test_split = "test" if cfg.voc_train_split == "trainval" else "val"
     train, test = VOCSource(root, cfg.voc_train_split), VOCSource(root, test_split)
     net = VOCNet(copy.deepcopy(model).cpu(), size, torch.Generator().manual_seed(cfg.seed)).to(device)
     loss = voc_fit(net, train, mode, size, cfg, device)
@@ -379,8 +389,8 @@ def voc_transfer(model, root, mode, cfg, device):
         with torch.no_grad():
             scores = scores + torch.cat([net(x.to(device)).cpu() for x, _ in torch.utils.data.DataLoader(
                 view, batch_size=cfg.batch_size, num_workers=cfg.workers)]).numpy()  # (N, 20)
-    aps = [average_precision(scores[:, c], test.targets[:, c]) for c in range(20)]
-    return {"map": float(np.nanmean(aps)), "ap": dict(zip(VOC_CLASSES, aps)), "train": f"{cfg.voc_train_split} ({len(train)})",
+    m_ap, aps = mean_ap(scores, test.targets)
+    return {"map": m_ap, "ap": dict(zip(VOC_CLASSES, aps)), "train": f"{cfg.voc_train_split} ({len(train)})",
             "test": f"{test_split} ({len(test)})", "image_size": size, "iterations": cfg.voc_iters, "loss_last": loss,
             "seconds": round(time.time() - t0, 2)}
 
@@ -428,7 +438,7 @@ def plot_layers(rows, path):
     """Linear-probe top-1 per layer, one line per checkpoint: the small-scale counterpart of the paper's per-layer figure."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for w in rows:
+    for w in (w for w in rows if w["probe_layers"]):
         keys = sorted(w["probe_layers"], key=lambda l: 99 if l == "fc7" else int(l))
         ax.plot([k if k == "fc7" else f"conv{k}" for k in keys], [100 * w["probe_layers"][k] for k in keys], "o-",
                 label=f"{w['checkpoint']} ({w['method']})")
@@ -462,7 +472,8 @@ def load_checkpoint(path, sobel):
     method = {"02_model": "random init", "04_train": ck.get("method") or cfg.get("method", "?")}.get(ck.get("stage"), "official")
     if ck.get("stage") == "04_train" and "epoch" in ck:
         method += f" (epoch {ck['epoch']})"
-    return model, {"stage": ck.get("stage", "official"), "method": method, "config": cfg, "super": ck.get("super"), "sub": ck.get("sub")}
+    return model, {"stage": ck.get("stage", "official"), "method": method, "config": cfg, "super": ck.get("super"),
+                   "sub": ck.get("sub")}
 
 
 def labelled_sources(spec, cfg):
@@ -526,11 +537,17 @@ def cluster_evals(model, meta, spec, path_png, cfg, device):
 def main(cfg):
     common.log(f"05_eval config: {asdict(cfg)}")
     device, out = common.pick_device(cfg.device), cfg.out_dir
+    os.makedirs(out, exist_ok=True)
+    for flag, value, valid in (("sobel", cfg.sobel, ("auto", "on", "off")), ("voc_mode", cfg.voc_mode, ("fc6-8", "all", "both"))):
+        if value not in valid:
+            raise common.UserError(f"--{flag} {value}: use one of {', '.join(valid)}")
     layers, ks = parse_layers(cfg.layers), [int(k) for k in cfg.knn_k.split(",")]
     knn_layer = cfg.knn_layer if cfg.knn_layer == "fc7" else parse_layers(cfg.knn_layer)[0]
-    paths = cfg.ckpt.split(",") if cfg.ckpt else [p for p in (f"{out}/02_model_init.pt", f"{out}/04_train_last.pt") if os.path.exists(p)]
+    default = [f"{out}/02_model_init.pt", f"{out}/04_train_last.pt"]  # random init vs trained, when they exist
+    paths = cfg.ckpt.split(",") if cfg.ckpt else [p for p in default if os.path.exists(p)]
     if not paths:
-        raise common.UserError(f"no checkpoint in {out}: run 02_model.py (random init) and 04_train.py --out_dir {out}, or pass --ckpt")
+        raise common.UserError(f"no checkpoint in {out}: run 02_model.py (random init) and 04_train.py --out_dir {out}, "
+                               f"or pass --ckpt")
     if not cfg.ckpt and len(paths) == 1:
         common.log(f"only {paths[0]}: run 04_train.py --out_dir {out} (or 02_model.py) to compare random init and trained")
     voc_root = cfg.voc.split(":", 1)[1] if cfg.voc.startswith("voc2007:") else None
