@@ -316,14 +316,16 @@ def mean_ap(scores, targets):
 
 class VOCSource(torch.utils.data.Dataset):
     """voc[j] -> (PIL image, targets (20,) in {1, 0, -1}) for one split of a VOCdevkit folder."""
-    def __init__(self, root, split):
-        self.root, (self.ids, self.targets) = root, parse_voc(root, split)
+    def __init__(self, root, split, crop_size=0):
+        self.root, self.crop_size, (self.ids, self.targets) = root, crop_size, parse_voc(root, split)
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, j):
         with Image.open(os.path.join(self.root, "JPEGImages", self.ids[j] + ".jpg")) as img:
+            if self.crop_size:  # small crops: let the JPEG decoder downscale by 2-8 while keeping >= 4x the crop size
+                img.draft("RGB", (4 * self.crop_size, 4 * self.crop_size))  # (the crops are drawn in relative units)
             return img.convert("RGB"), torch.as_tensor(self.targets[j])
 
 
@@ -380,7 +382,7 @@ def voc_transfer(model, root, mode, cfg, device):
     """Train on voc_train_split (trainval or train), test on test (or val): mAP and AP per class, for fc6-8 or all."""
     t0, size = time.time(), cfg.voc_image_size or model.image_size
     test_split = "test" if cfg.voc_train_split == "trainval" else "val"
-    train, test = VOCSource(root, cfg.voc_train_split), VOCSource(root, test_split)
+    train, test = VOCSource(root, cfg.voc_train_split, size), VOCSource(root, test_split, size)
     net = VOCNet(copy.deepcopy(model).cpu(), size, torch.Generator().manual_seed(cfg.seed)).to(device)
     loss = voc_fit(net, train, mode, size, cfg, device)
     net.eval()
