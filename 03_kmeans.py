@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.utils.data import DataLoader, Subset
@@ -162,12 +163,12 @@ def _assign(x, c, backend, xnp=None):
     return torch.cat(labels), torch.cat(dists)
 
 
-def _sums_counts(x, a, k):
-    """DIST: per-cluster sums (k, D) and counts (k,) over all ranks, in float64 so 1 and N ranks agree."""
+def _sums_counts(x, a, k, group=None):
+    """DIST: per-cluster sums (k, D) and counts (k,) over all ranks (of `group`), in float64 so 1 and N ranks agree."""
     sc = torch.zeros(k, x.shape[1] + 1, dtype=torch.float64, device=x.device)  # (k, D+1), one all-reduce
     sc[:, :-1].index_add_(0, a, x.double())
     sc[:, -1] = torch.bincount(a, minlength=k).double()
-    common.all_reduce_sum(sc)
+    common.all_reduce_sum(sc, group)
     return sc[:, :-1], sc[:, -1]
 
 
@@ -182,13 +183,13 @@ def init_indices(N, k, rng):
     return rng.choice(N, size=k, replace=False)
 
 
-def _rows(x, idx, offset):
+def _rows(x, idx, offset, group=None):
     """DIST: the global rows idx (k,) of the sharded points, on every rank: each row comes from the rank holding it."""
     idx = torch.as_tensor(idx, device=x.device)
     mine = (idx >= offset) & (idx < offset + x.shape[0])
     out = torch.zeros(len(idx), x.shape[1], dtype=torch.float64, device=x.device)
     out[mine] = x[idx[mine] - offset].double()
-    return common.all_reduce_sum(out).float()  # (k, D)
+    return common.all_reduce_sum(out, group).float()  # (k, D)
 
 
 # ---- §4.4 Empty clusters: an explicit policy, with a generator owned by k-means (pitfall 2) ----
@@ -221,8 +222,8 @@ def _split_empty(c, counts, rng, eps=1 / 1024):
 # all-reduced, so sharded data is never gathered, and every rank moves exactly what one process would move.
 # DEVIATION(paper): the official code returns the final E-step's labels as they are, because it has no such step; we
 # add it so that no pseudo-class is ever empty when N >= k (the invariant §4.4 asks to test).
-def _fix_empty(x, a, c, rng, offset):
-    k, counts = c.shape[0], _sums_counts(x[:, :0], a, c.shape[0])[1].cpu().numpy()  # (k,) global sizes
+def _fix_empty(x, a, c, rng, offset, group=None):
+    k, counts = c.shape[0], _sums_counts(x[:, :0], a, c.shape[0], group)[1].cpu().numpy()  # (k,) global sizes
     delta = torch.ones(x.shape[1], dtype=torch.float64, device=x.device)
     delta[1::2] = -1
     n_fixed = 0
@@ -233,16 +234,16 @@ def _fix_empty(x, a, c, rng, offset):
         donor = int(rng.choice(k, p=p / p.sum()))
         mem = (a == donor).nonzero().squeeze(1)  # this rank's members of the donor
         xm = x[mem].double()
-        total = common.all_reduce_sum(xm.sum(0))  # (D,)
+        total = common.all_reduce_sum(xm.sum(0), group)  # (D,)
         move = (xm - total / counts[donor]) @ delta > 0  # projections have mean 0 over the donor
-        n_move = int(common.all_reduce_sum(move.sum().reshape(1).double()).item())
+        n_move = int(common.all_reduce_sum(move.sum().reshape(1).double(), group).item())
         if n_move == 0 or n_move == counts[donor]:  # all members coincide along δ: split by global index
-            before = common.all_gather_cat(torch.tensor([len(mem)], device=x.device))[: common.get_rank()].sum()
-            pos = before + torch.arange(len(mem), device=x.device)  # global order among the donor's members
+            sizes = common.all_gather_cat(torch.tensor([len(mem)], device=x.device), group)  # (ranks of group,)
+            pos = sizes[: common.get_rank(group)].sum() + torch.arange(len(mem), device=x.device)  # order in donor
             move = pos >= float(counts[donor] - counts[donor] // 2)
             n_move = int(counts[donor] // 2)
         a[mem[move]] = j
-        s_move = common.all_reduce_sum(xm[move].sum(0))
+        s_move = common.all_reduce_sum(xm[move].sum(0), group)
         c[j] = (s_move / n_move).float()  # the two new centroids are the means of their members
         c[donor] = ((total - s_move) / (counts[donor] - n_move)).float()
         counts[j], counts[donor] = n_move, counts[donor] - n_move
@@ -250,37 +251,38 @@ def _fix_empty(x, a, c, rng, offset):
     return a, c, n_fixed
 
 
-def kmeans(x, k, niter=10, seed=0, backend="auto"):
+def kmeans(x, k, niter=10, seed=0, backend="auto", group=None):
     """Lloyd on this rank's shard x (n, D) -> (centroids (k, D), labels (n,) int64, stats).
 
     Under torchrun the shards, in rank order, are the N points: init, donors and M-steps are global, so the
     labels equal those of one process on the concatenated points (up to float summation order).
+    group: the process group whose ranks hold the shards (default: all ranks; a clustering group, PAPER.md §7).
     stats: objective (mean ‖x − c_a‖², one per E-step: niter + 1), n_empty_split (iterations + final fix).
     """
     x = torch.as_tensor(x, dtype=torch.float32)
-    sizes = common.all_gather_cat(torch.tensor([x.shape[0]], device=x.device))  # DIST: (world,) shard sizes
-    N, offset = int(sizes.sum()), int(sizes[: common.get_rank()].sum())
+    sizes = common.all_gather_cat(torch.tensor([x.shape[0]], device=x.device), group)  # DIST: (world,) shard sizes
+    N, offset = int(sizes.sum()), int(sizes[: common.get_rank(group)].sum())
     if k > N:
         raise common.UserError(f"k-means with k={k} clusters on only N={N} points: lower --k / --super_clusters "
                                f"or use more images (--subset)")
     backend = _backend(backend)
     xnp = np.ascontiguousarray(x.cpu().numpy()) if backend == "faiss" else None
     rng = np.random.default_rng(seed)  # pitfall 2: owned by this call, the same on every rank
-    c = _rows(x, init_indices(N, k, rng), offset)  # (k, D) distinct data points
+    c = _rows(x, init_indices(N, k, rng), offset, group)  # (k, D) distinct data points
     objective, n_split = [], 0
     for it in range(niter + 1):  # niter E+M steps, then the final E-step: 11 E-steps, 10 M-steps
         a, d2 = _assign(x, c, backend, xnp)  # E-step
-        objective.append(common.all_reduce_sum(d2.sum().reshape(1)).item() / N)
+        objective.append(common.all_reduce_sum(d2.sum().reshape(1), group).item() / N)
         if it == niter:
             break
-        sums, counts = _sums_counts(x, a, k)  # M-step, c_j = mean{x_n : a_n = j}
+        sums, counts = _sums_counts(x, a, k, group)  # M-step, c_j = mean{x_n : a_n = j}
         ne = counts > 0
         c[ne] = (sums[ne] / counts[ne, None]).float()
         c, s = _split_empty(c, counts, rng)  # §4.4: re-seeds the empty clusters (which kept their old centroid)
         n_split += s
-    a, c, n_fixed = _fix_empty(x, a, c, rng, offset)  # no empty cluster is returned when N >= k
+    a, c, n_fixed = _fix_empty(x, a, c, rng, offset, group)  # no empty cluster is returned when N >= k
     if n_fixed:
-        objective[-1] = common.all_reduce_sum(((x - c[a]) ** 2).sum().double().reshape(1)).item() / N
+        objective[-1] = common.all_reduce_sum(((x - c[a]) ** 2).sum().double().reshape(1), group).item() / N
     return c, a, {"objective": objective, "n_empty_split": n_split + n_fixed, "n_empty_final": n_fixed}
 
 
@@ -295,8 +297,9 @@ def check_sizes(N, k, m):
         raise common.UserError(f"--k {k} is not a multiple of --super_clusters {m}; use e.g. --k {max(m, k // m * m)}")
 
 
-def two_level(x, k, m, niter=10, seed=0, backend="auto"):
-    """-> dict(super (n,), sub (n,) in 0..k_s-1, centroids_super (m, D), centroids_sub (m, k_s, D), k_s, stats)."""
+def two_level(x, k, m, niter=10, seed=0, backend="auto", groups=None):
+    """-> dict(super (n,), sub (n,) in 0..k_s-1, centroids_super (m, D), centroids_sub (m, k_s, D), k_s, stats).
+    groups: the m clustering groups of the grouped layout (cluster_groups); the result is the same."""
     x = torch.as_tensor(x, dtype=torch.float32)  # (n, D) this rank's shard
     N = int(common.all_reduce_sum(torch.tensor([x.shape[0]], device=x.device)).item())
     check_sizes(N, k, m)
@@ -310,21 +313,24 @@ def two_level(x, k, m, niter=10, seed=0, backend="auto"):
     z = torch.zeros_like(u)
     c_sub = torch.zeros(m, k_s, D, device=x.device)
     small, split_sub, obj_sub = [], 0, np.zeros(niter + 1)
-    for v in range(m):  # the same loop on every rank: the collectives inside stay in step
-        mem = (u == v).nonzero().squeeze(1)
-        if k_s == 1:  # pure RotNet: one sub-class, its centroid is the super-cluster's mean
-            c_sub[v] = _means(x[mem], z[mem], 1)  # (1, D)
-        elif n_u[v] < k_s:
-            # DEVIATION(paper): a super-cluster with n_u < k_s points gets one sub-class per point (ids 0..n_u-1,
-            # the other ids stay empty), because the official draw with replacement only makes empty duplicates.
-            before = common.all_gather_cat(torch.tensor([len(mem)], device=x.device))[: common.get_rank()].sum()
-            z[mem] = before + torch.arange(len(mem), device=x.device)  # global order inside u
-            c_sub[v, : n_u[v]] = common.all_gather_cat(x[mem])  # (n_u, D), tiny: n_u < k_s
-            small.append(v)
-        else:
-            c_sub[v], z[mem], st = kmeans(x[mem], k_s, niter, seed + 1 + v, backend)
-            split_sub += st["n_empty_split"]
-            obj_sub += np.array(st["objective"]) * n_u[v].item() / N  # points of small u sit on their centroid
+    if groups is not None and k_s > 1:  # DIST: --layout grouped, each super-cluster in its own group of ranks
+        z, c_sub, split_sub, obj_sub, small = level2_in_groups(x, u, n_u, k_s, niter, seed, backend, groups)
+    else:
+        for v in range(m):  # the same loop on every rank: the collectives inside stay in step
+            mem = (u == v).nonzero().squeeze(1)
+            if k_s == 1:  # pure RotNet: one sub-class, its centroid is the super-cluster's mean
+                c_sub[v] = _means(x[mem], z[mem], 1)  # (1, D)
+            elif n_u[v] < k_s:
+                # DEVIATION(paper): a super-cluster with n_u < k_s points gets one sub-class per point (ids 0..n_u-1,
+                # the other ids stay empty), because the official draw with replacement only makes empty duplicates.
+                before = common.all_gather_cat(torch.tensor([len(mem)], device=x.device))[: common.get_rank()].sum()
+                z[mem] = before + torch.arange(len(mem), device=x.device)  # global order inside u
+                c_sub[v, : n_u[v]] = common.all_gather_cat(x[mem])  # (n_u, D), tiny: n_u < k_s
+                small.append(v)
+            else:
+                c_sub[v], z[mem], st = kmeans(x[mem], k_s, niter, seed + 1 + v, backend)
+                split_sub += st["n_empty_split"]
+                obj_sub += np.array(st["objective"]) * n_u[v].item() / N  # points of small u sit on their centroid
     if small:
         common.log(f"warning: {len(small)} super-cluster(s) {small} have fewer points than k_s = {k_s}: each of "
                    f"their points is its own sub-class and the remaining sub-class ids stay empty")
@@ -332,6 +338,57 @@ def two_level(x, k, m, niter=10, seed=0, backend="auto"):
              "n_empty_split": st1["n_empty_split"] + split_sub, "n_empty_split_super": st1["n_empty_split"],
              "n_empty_split_sub": split_sub, "n_small_super": len(small), "sizes_super": n_u.tolist()}
     return dict(super=u, sub=z, centroids_super=c_super, centroids_sub=c_sub, k_s=k_s, stats=stats)
+
+
+# ---- DIST: grouped layout (PAPER.md §7): level 2 of super-cluster u runs inside clustering group u ----
+# The official layout splits the N ranks into m clustering groups of N/m consecutive ranks (4N/S with rotation: the 4
+# training groups of super-cluster u, see 04_train.py). Level 1 runs over all ranks; level 2 of super-cluster u runs
+# in group u only, so the m level-2 k-means run side by side instead of one after the other on all ranks.
+def cluster_groups(m):
+    """-> the m clustering groups (group u: ranks u*N/m .. (u+1)*N/m - 1), None in one process. Collective: every
+    rank creates every group, in the same order (torch.distributed.new_group's rule), also those it is not in."""
+    world = common.world_size()
+    if world % m:
+        raise common.UserError(f"clustering groups: the {world} processes must be a multiple of the {m} super-clusters")
+    C = world // m  # ranks per clustering group
+    return [dist.new_group(list(range(v * C, (v + 1) * C))) for v in range(m)] if world > 1 else None
+
+
+def level2_in_groups(x, u, n_u, k_s, niter, seed, backend, groups):
+    """two_level's level 2 with super-cluster v clustered by the ranks of groups[v] only -> (z of this rank's points,
+    centroids_sub (m, k_s, D), clusters split, objective_sub (niter+1,), small super-clusters): the values of the
+    all-ranks loop, because group v's ranks hold contiguous shares of v's members in index order (the order of that
+    loop's x[mem]) and kmeans(group=) gives one process's result on the concatenated shares."""
+    m, rank, D = len(groups), common.get_rank(), x.shape[1]
+    C = common.world_size() // m
+    v, j = rank // C, rank % C  # my super-cluster, my place in its clustering group
+    # Redistribute: level 1 puts v's members on any rank. Gather all points (every rank already holds all of phi
+    # (N, d) from extract_features, so this at most doubles that), then take this rank's share of v's members.
+    x_all, u_all = common.all_gather_cat(x), common.all_gather_cat(u)  # (N, D), (N,) in index order
+    N, mem = len(u_all), (u_all == v).nonzero().squeeze(1)  # (n_v,) global indices of v's members
+    lo, hi = j * len(mem) // C, (j + 1) * len(mem) // C
+    mine = mem[lo:hi]  # (about n_v/C,) this rank's share
+    c_sub = torch.zeros(m, k_s, D, device=x.device)
+    stats = torch.zeros(niter + 2, dtype=torch.float64, device=x.device)  # [objective_sub (niter+1), clusters split]
+    if n_u[v] < k_s:  # a small super-cluster, as in two_level's loop: one sub-class per point, in index order
+        z_mine = torch.arange(lo, hi, device=x.device)
+        if j == 0:
+            c_sub[v, : n_u[v]] = x_all[mem]
+    else:
+        c, z_mine, st = kmeans(x_all[mine], k_s, niter, seed + 1 + v, backend, group=groups[v])  # group v only
+        if j == 0:  # the group's first rank reports its centroids and stats (the same on all the group's ranks)
+            c_sub[v] = c
+            stats[:-1] = torch.tensor(st["objective"], dtype=torch.float64) * n_u[v].item() / N
+            stats[-1] = st["n_empty_split"]
+    # Back to all ranks: every rank's (index, sub-class) pairs; the centroids and stats of the groups' first ranks.
+    z_all = torch.zeros_like(u_all)  # (N,)
+    z_all[common.all_gather_cat(mine)] = common.all_gather_cat(z_mine)
+    common.all_reduce_sum(c_sub)
+    common.all_reduce_sum(stats)
+    start = int(common.all_gather_cat(torch.tensor([x.shape[0]], device=x.device))[:rank].sum())
+    small = [w for w in range(m) if n_u[w] < k_s]
+    return z_all[start:start + x.shape[0]], c_sub, int(stats[-1]), stats[:-1].cpu().numpy(), small
+# ---- end DIST ----
 
 
 # ---- Diagnostics: cluster sizes, NMI (Eq. (18), geometric mean) against the previous round and the labels ----
@@ -362,8 +419,9 @@ def diagnostics(res, labels=None, prev=None):
 
 
 # ---- The whole stage, in-process (04_train.py calls this every T epochs) ----
-def cluster(model, source, cfg, device, prev=None, epoch=None):
+def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None):
     """features -> PCA -> two_level, on every rank; returns two_level's dict (on CPU) + pca_mean, pca_proj, diagnostics.
+    groups: the clustering groups of 04_train.py's --layout grouped (cluster_groups), None: level 2 on all ranks.
 
     cfg needs k, super_clusters, pca_dim, niter, seed, batch_size, workers, image_size, kmeans_backend
     (pca_sample optional). The k-means seed is cfg.seed + epoch when epoch is given.
@@ -386,7 +444,7 @@ def cluster(model, source, cfg, device, prev=None, epoch=None):
     lo, hi = rank * N // world, (rank + 1) * N // world  # DIST: contiguous shards, so rank order = index order
     x = apply_pca(phi[lo:hi], mean, proj).to(device)  # (n_r, D)
     seed = cfg.seed if epoch is None else cfg.seed + epoch
-    res = two_level(x, cfg.k, cfg.super_clusters, cfg.niter, seed, cfg.kmeans_backend)
+    res = two_level(x, cfg.k, cfg.super_clusters, cfg.niter, seed, cfg.kmeans_backend, groups)
     res["super"] = common.all_gather_cat(res["super"]).cpu()  # DIST: (N,) on every rank
     res["sub"] = common.all_gather_cat(res["sub"]).cpu()
     res["centroids_super"], res["centroids_sub"] = res["centroids_super"].cpu(), res["centroids_sub"].cpu()

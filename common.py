@@ -157,12 +157,13 @@ def init_dist(device="auto"):
     return rank, world, dev
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+def world_size(group=None):
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def get_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+def get_rank(group=None):
+    """This process's rank in `group` (default: all ranks)."""
+    return dist.get_rank(group) if dist.is_initialized() else 0
 
 
 def is_main():
@@ -194,17 +195,17 @@ def broadcast(t, src=0):
     return t
 
 
-def all_gather_cat(t):
-    """Concatenate along dim 0 the tensors of all ranks (rank order); shapes may differ in dim 0."""
+def all_gather_cat(t, group=None):
+    """Concatenate along dim 0 the tensors of all ranks (of `group`, in rank order); shapes may differ in dim 0."""
     if not dist.is_initialized():
         return t
     n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
+    sizes = [torch.zeros_like(n) for _ in range(world_size(group))]
+    dist.all_gather(sizes, n, group=group)
     mx = int(max(s.item() for s in sizes))
     pad = torch.zeros((mx - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     parts = [torch.empty((mx,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes]
-    dist.all_gather(parts, torch.cat([t, pad]))
+    dist.all_gather(parts, torch.cat([t, pad]), group=group)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
