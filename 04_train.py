@@ -14,13 +14,16 @@ Writes: <out_dir>/03_kmeans_ep{E:03d}.npz/.json (the clustering at the start of 
         04_train_ep{E:03d}.pt (state after E epochs), 04_train_log.jsonl (one line per epoch), 04_train_curves.png
 Run:    python 02_model.py --out_dir out && python 04_train.py --out_dir out
         torchrun --nproc_per_node=2 04_train.py --out_dir out        (same global batch; BN synced over all ranks)
+        torchrun --nproc_per_node=16 04_train.py --layout grouped --out_dir out   (the paper's layout, PAPER.md §7)
+        python 04_train.py --layout grouped --show_layout --world_size 16      (its rank table and head memory)
         python 04_train.py --method rotnet --init out/02_model_init.pt --out_dir out/rotnet
 Uses:   01_data.make_source/RotationDataset, 02_model.load_trunk/build_model/Heads/hierarchical_loss,
-        03_kmeans.cluster/save_clustering
+        03_kmeans.cluster/save_clustering/cluster_groups
 """
 import dataclasses
 import importlib
 import json
+import math
 import os
 import random
 import signal
@@ -31,6 +34,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
@@ -77,6 +81,9 @@ class Config:
     force: bool = False  # start afresh over an incompatible 04_train_last.pt instead of refusing
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 20  # refresh the progress bar's numbers every N iterations
+    layout: str = "replicated"  # under torchrun: replicated (all heads on all ranks) | grouped (paper's, PAPER.md §7)
+    show_layout: bool = False  # print --layout grouped's rank table for --world_size ranks and head memory, then exit
+    world_size: int = 0  # N for --show_layout (0 = S, the smallest valid N); under torchrun N = --nproc_per_node
 
 
 # ---- §8 four methods, one loop: the number of super-classes S, sub-classes k_s, rotation on or off ----
@@ -188,6 +195,7 @@ def train_step(model, opts, x, s, z, amp=False):
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     out["loss"].backward()  # DDP averages the gradients of trunk and heads over ranks here
+    getattr(model, "reduce_grads", lambda: None)()  # --layout grouped: GroupedNet averages them now (DIST below)
     for opt in opts:
         opt.step()
     return sums
@@ -233,12 +241,15 @@ def convert_sync_bn(module):
     return module
 
 
-def wrap_model(net, device, world):
-    """Replicated layout: every rank holds the trunk and all heads (PAPER.md §7, single-process equivalent)."""
+def wrap_model(net, device, world, groups=None):
+    """Replicated layout: every rank holds the trunk and all heads (PAPER.md §7, single-process equivalent).
+    Grouped layout (groups given): GroupedNet, with batch norm synced over ALL ranks too, not inside a group."""
     if world == 1:
         return net
     cuda = device.type == "cuda"
     net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if cuda else convert_sync_bn(net)
+    if groups is not None:
+        return GroupedNet(net, groups)
     return DDP(net, device_ids=[device] if cuda else None)
 
 
@@ -264,12 +275,205 @@ def rng_states(device, gather):
 
 
 def set_rng_states(rng, rank, device):
-    row = lambda t: t[rank if rank < len(t) else 0]  # noqa: E731  (a resume on another world size: rank 0's state)
+    # a resume on another world size takes rank 0's state; clone: torch.set_rng_state crashes (SIGSEGV) on a row view
+    row = lambda t: t[rank if rank < len(t) else 0].clone()  # noqa: E731
     torch.set_rng_state(row(rng["torch"]))
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(row(rng["cuda"]), device)
     np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
     random.setstate(rng["python"])
+# ---- end DIST ----
+
+
+# ---- DIST: grouped layout (PAPER.md §7) ----
+# --layout grouped under torchrun --nproc_per_node=N, N a multiple of S, lays the ranks out as the official code does:
+#   training groups:   S groups of G = N/S consecutive ranks. Group t trains super-class t only: super-cluster
+#                      u = t // 4 under rotation r = t % 4 (without rotation u = t), so s = 4u + r = t, Eq. (6). It
+#                      holds V and W_t, b_t only, and its batches hold images of super-cluster u rotated by r only.
+#   clustering groups: m groups of N/m = 4G consecutive ranks, the 4 training groups of super-cluster u; level 2 of
+#                      the k-means of super-cluster u runs inside group u (03_kmeans.level2_in_groups).
+# Trunk and V are data-parallel over all N ranks, W_t over the G ranks of group t, and batch norm is synced over all
+# N ranks: a group's batch holds one super-class, so per-group statistics would give the heads a shortcut.
+# Gradient scale: every rank's loss is the mean over its b = B/N samples, and the gradients are averaged, so
+#   trunk, V: (1/N) sum_ranks (1/b) sum_{n on rank} grad l_n   = (1/B) sum_n grad l_n, the single-process gradient;
+#   W_t:      (1/G) sum_{ranks of t} (1/b) sum_{n on rank} ...  = (1/B_t) sum_{n in t} grad l_n, B_t = G b = B/S:
+#             B/B_t = S times the single-process (1/B) sum_{n in t} grad l_n, the official per-group mean (§7).
+# --sub_grad_scale changes nothing here: each rank's batch is one super-class, so its factor B/B_s is 1 on every rank.
+def check_world(world, S):
+    """Refuse an N that is not a multiple of S, listing valid ones."""
+    if world < 1 or world % S:
+        raise UserError(f"--layout grouped: N must be a multiple of S={S}: {', '.join(str(S * i) for i in range(1, 5))}"
+                        f", ... (got N = {world} processes)")
+    return world // S  # G, ranks per training group
+
+
+def make_groups(layout, setup, rank, world):
+    """-> None (replicated), or this rank's place in the grouped layout and its process groups. Collective: every
+    rank creates every group, in the same order (torch.distributed.new_group's rule), also those it is not in."""
+    if layout not in ("replicated", "grouped"):
+        raise UserError(f"--layout {layout!r}: use replicated or grouped")
+    if layout == "replicated":
+        return None
+    S = setup["S"]
+    G = check_world(world, S)
+    g = SimpleNamespace(S=S, G=G, t=rank // G, world=world, train=None, leaders=None, cluster=None)
+    if world > 1:
+        train = [dist.new_group(list(range(t * G, (t + 1) * G))) for t in range(S)]  # averages W_t's gradient
+        g.train = train[g.t]
+        g.leaders = dist.new_group(list(range(0, world, G)))  # the first rank of every group: checkpoints
+        g.cluster = m03.cluster_groups(setup["m"]) if setup["cluster"] else None  # m groups of N/m ranks
+    return g
+
+
+class ShardedHeads(nn.Module):
+    """The heads of training group t: V (S, d), the same on all ranks, and only W_t (k_s, d) and b_t (k_s,),
+    kept as W (1, k_s, d), b (1, k_s): row t of m02.Heads' stacked W (S, k_s, d), b (S, k_s)."""
+
+    def __init__(self, d, S, k_s, t):
+        super().__init__()
+        self.d, self.S, self.k_s, self.t = int(d), int(S), int(k_s), int(t)
+        self.V = nn.Linear(self.d, self.S)
+        self.W = nn.Parameter(torch.empty(1, self.k_s, self.d))
+        self.b = nn.Parameter(torch.empty(1, self.k_s))
+        self.reset()
+
+    def reset(self, generator=None):
+        """m02.Heads.reset's draws (V; W_0..W_{S-1}; b_0..b_{S-1}) keeping row t: the single-process heads, never
+        all of W in memory. Equal on CPU; a CUDA generator draws S chunks differently from one tensor, but every rank
+        of group t still draws the same W_t, and every rank the same V."""
+        m02._linear_init_(self.V.weight, self.V.bias, generator)
+        bound = 1 / math.sqrt(self.d)  # nn.Linear's default, as in m02._linear_init_
+        with torch.no_grad():
+            for p in (self.W, self.b):
+                row = torch.empty_like(p[0])
+                for s in range(self.S):
+                    row.uniform_(-bound, bound, generator=generator)
+                    if s == self.t:
+                        p[0].copy_(row)
+
+    def forward(self, f, s, grad_scale=None):
+        """f (b, d), s (b,), all t (group_batches) -> logits_super (b, S), logits_sub (b, k_s) = W_t f + b_t."""
+        return self.V(f), F.linear(f, self.W[0], self.b[0])  # grad_scale is all ones (see --sub_grad_scale above)
+
+
+class GroupedNet(nn.Module):
+    """Net under the grouped layout, without DDP: DDP averages every parameter over all ranks, and each group holds a
+    different W_t. reduce_grads (train_step calls it after backward) averages the trunk and V over all ranks and
+    W_t, b_t over group t. Nothing is broadcast at the start (DDP does): every rank loads the same trunk and draws
+    the same heads. Unlike DDP, communication does not overlap the backward pass (simpler, a little slower)."""
+
+    def __init__(self, net, groups):
+        super().__init__()
+        self.module, self.groups = net, groups  # .module, like DDP's, so that getattr(model, "module", model) works
+
+    def forward(self, x, s, z):
+        return self.module(x, s, z)
+
+    def reduce_grads(self):
+        trunk, heads, g = self.module.trunk, self.module.heads, self.groups
+        shared = [p for p in trunk.parameters() if p.requires_grad] + list(heads.V.parameters())
+        for params, group, n in ((shared, None, g.world), ([heads.W, heads.b], g.train, g.G)):
+            flat = torch.cat([p.grad.flatten() for p in params])  # one all-reduce per set of parameters
+            common.all_reduce_sum(flat, group).div_(n)  # the mean over all ranks, or over the G ranks of group t
+            for p, v in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(v.view_as(p))
+
+
+def group_batches(plan_s, batch_size, rank, world, S, start=0):
+    """The grouped layout's rank_batches: the plan positions j this rank feeds, one list per iteration from `start`.
+    plan_s (E,): the super-class of every plan position. Group t = rank // G takes the positions of super-class t in
+    plan order (its share of Eq. (14)'s plan, E/S draws); global batch b holds B/S of them per group, and the G ranks
+    of the group take every G-th. The union over the ranks: a batch of B with exactly B/S samples of each s."""
+    if batch_size % world:
+        raise UserError(f"--batch_size {batch_size} must be a multiple of the {world} processes")
+    G, B_t = world // S, batch_size // S  # ranks per group, samples per group and batch
+    counts = np.bincount(plan_s, minlength=S)  # (S,) E/S each, unless a super-cluster is empty
+    if counts.min() < len(plan_s) // S:
+        raise UserError(f"--layout grouped: super-class {int(counts.argmin())} has no images this epoch (an empty "
+                        f"super-cluster), so its training group would idle: use --layout replicated")
+    mine = np.flatnonzero(plan_s == rank // G)  # (about E/S,) the positions of super-class t
+    return [mine[b * B_t + rank % G:(b + 1) * B_t:G].tolist() for b in range(start, int(counts.min()) // B_t)]
+
+
+def _gather_rows(p, groups):
+    """Row t (1, ...) of the first rank of every training group -> (S, ...) on rank 0 (None on the other ranks)."""
+    if groups.world == 1:
+        return p
+    if common.get_rank() % groups.G:  # not a group's first rank: its row is a copy of that rank's
+        return None
+    rows = [torch.empty_like(p) for _ in range(groups.S)] if common.is_main() else None
+    dist.gather(p.detach().contiguous(), rows, dst=0, group=groups.leaders)
+    return torch.cat(rows) if common.is_main() else None  # S x (1, k_s, d) -> (S, k_s, d)
+
+
+def head_states(heads, opt, groups):
+    """-> (heads state, head optimizer state) in the replicated format: W (S, k_s, d), b (S, k_s), and their SGD
+    momentum, so a checkpoint loads in any layout. Grouped: collective; rank 0 gathers them (None elsewhere). At the
+    paper's scale rank 0 then holds all of W (21 GB), as the single checkpoint file does."""
+    sd, osd = heads.state_dict(), opt.state_dict()
+    if groups is None:
+        return sd, osd
+    pos = {name: i for i, (name, _) in enumerate(heads.named_parameters())}  # the optimizer's keys are positions
+    osd = dict(osd, state=dict(osd["state"]))  # shallow copies: the live optimizer state is left untouched
+    for name in ("W", "b"):
+        sd[name] = _gather_rows(sd[name], groups)
+        if pos[name] in osd["state"]:  # no momentum right after a head reset; the same on every rank
+            st = osd["state"][pos[name]]
+            osd["state"][pos[name]] = dict(st, momentum_buffer=_gather_rows(st["momentum_buffer"], groups))
+    return (sd, osd) if common.is_main() else (None, None)
+
+
+def load_heads(heads, opt, ck, groups):
+    """Load checkpoint ck's heads and head optimizer; the grouped layout keeps row t of W, b and of their momentum."""
+    sd, osd = ck["heads"], ck["head_optimizer"]
+    if groups is not None:
+        t, pos = groups.t, {name: i for i, (name, _) in enumerate(heads.named_parameters())}
+        sd = dict(sd, W=sd["W"][t:t + 1], b=sd["b"][t:t + 1])  # (S, k_s, d) -> (1, k_s, d), (S, k_s) -> (1, k_s)
+        osd = dict(osd, state=dict(osd["state"]))
+        for name in ("W", "b"):
+            if pos[name] in osd["state"]:
+                st = osd["state"][pos[name]]  # clone: the optimizer would otherwise keep a view of all S rows
+                osd["state"][pos[name]] = dict(st, momentum_buffer=st["momentum_buffer"][t:t + 1].clone())
+    heads.load_state_dict(sd)
+    opt.load_state_dict(osd)
+
+
+def head_params(S, k_s, d):
+    """Head parameters on one rank -> (replicated: V + all W_s, b_s, grouped: V + W_t, b_t)."""
+    V = S * d + S
+    return V + S * k_s * (d + 1), V + k_s * (d + 1)
+
+
+def show_layout(cfg):
+    """--show_layout: print the grouped layout for --world_size ranks, and the head memory per rank; no processes."""
+    if cfg.method not in ("deepercluster", "deepcluster", "rotnet"):
+        raise UserError(f"--show_layout knows deepercluster, deepcluster and rotnet (--method {cfg.method}: "
+                        f"supervised has S = 1, a single group, and its k_s needs the data)")
+    rotate, m = cfg.method != "deepcluster", 1 if cfg.method == "rotnet" else cfg.super_clusters
+    S, k_s = 4 * m if rotate else m, 1 if cfg.method == "rotnet" else cfg.k // m
+    if m < 1 or cfg.k % m:
+        raise UserError(f"--k {cfg.k} must be a positive multiple of --super_clusters {m} (k_s = k/m, Eq. (7))")
+    N = cfg.world_size or S
+    G, C = check_world(N, S), N // m
+    print(f"--layout grouped with N = {N} ranks: S = {S} super-classes ({m} super-cluster(s) x "
+          f"{4 if rotate else 1} rotation(s)), k_s = {k_s}\n{S} training groups of N/S = {G} rank(s); "
+          f"{m} clustering group(s) of N/m = {C} rank(s)\n")
+    print("rank | training group t | super-class s = 4u + r | super-cluster u | rotation r | clustering group")
+    for rank in range(N):
+        t = rank // G
+        u, r = (t // 4, t % 4) if rotate else (t, 0)
+        print(f"{rank:4d} | {t:16d} | {t:22d} | {u:15d} | {r:10d} | {rank // C:16d}")
+    init = cfg.init or os.path.join(cfg.out_dir, "02_model_init.pt")  # d = fc7's width, from the trunk's arch
+    d, known = (common.load_ckpt(init)["arch"]["fc_dim"], "") if os.path.exists(init) else (4096, f", no {init}")
+    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"  # noqa: E731  (decimal units)
+    size = lambda n: f"{n:,d} = {gb(4 * n)} (x3: {gb(12 * n)})"  # noqa: E731  fp32: 4 bytes per parameter
+    print("\nhead parameters per rank, fp32; x3 with their gradients and SGD momentum")
+    for name, (S_, k_, k_s_, d_) in ((f"this run (d = {d}{known})", (S, m * k_s, k_s, d)),
+                                     ("paper", (16, 320000, 80000, 4096))):
+        rep, grp = head_params(S_, k_s_, d_)
+        print(f"  {name}: S = {S_}, k = {k_:,d}, k_s = {k_s_:,d}, d = {d_}\n"
+              f"    replicated (V + all W_s, b_s): {size(rep)}\n    grouped    (V + W_t, b_t):     {size(grp)}, "
+              f"{rep / grp:.1f}x less")
 # ---- end DIST ----
 
 
@@ -280,13 +484,19 @@ COMPAT = ("method", "k", "super_clusters", "data", "subset", "image_size")
 
 
 def save(ctx, st, path, gather=True):
+    """Write the checkpoint (rank 0); returns False when the grouped layout cannot (after Ctrl-C, gather=False)."""
+    if not gather and ctx.groups is not None and ctx.world > 1:  # DIST: the sharded heads need every rank
+        common.log(f"--layout grouped: no checkpoint after an interrupt (gathering the heads W_t needs all ranks "
+                   f"in step); {path} keeps the last saved state")
+        return False
     rng = rng_states(ctx.device, gather)  # collective under torchrun: every rank calls save
+    heads, head_opt = head_states(ctx.heads, ctx.opts[1], ctx.groups)  # DIST: collective in the grouped layout
     if common.is_main():
-        o0, o1 = ctx.opts
         common.save_ckpt(common.ckpt_header("04_train", ctx.cfg) | {
-            "arch": ctx.trunk.arch(), "model": ctx.trunk.state_dict(), "heads": ctx.heads.state_dict(),
-            "optimizer": o0.state_dict(), "head_optimizer": o1.state_dict(), "method": ctx.cfg.method,
+            "arch": ctx.trunk.arch(), "model": ctx.trunk.state_dict(), "heads": heads,
+            "optimizer": ctx.opts[0].state_dict(), "head_optimizer": head_opt, "method": ctx.cfg.method,
             "rng": rng} | {k: st[k] for k in STATE}, path)
+    return True
 
 
 def incompatible(ck, cfg, arch):
@@ -329,7 +539,8 @@ def start_epoch(ctx, st):
     if setup["cluster"] and e % cfg.reassign == 0:
         t0 = time.time()
         prev = None if st["super"] is None else {"super": st["super"], "sub": st["sub"], "k_s": setup["k_s"]}
-        res = m03.cluster(ctx.trunk, ctx.source, cfg, ctx.device, prev=prev, epoch=e)  # eval mode, no rotation
+        res = m03.cluster(ctx.trunk, ctx.source, cfg, ctx.device, prev=prev, epoch=e,  # eval mode, no rotation
+                          groups=getattr(ctx.groups, "cluster", None))  # DIST: grouped: level 2 per super-cluster
         ctx.trunk.train()
         if common.is_main():
             m03.save_clustering(res, cfg.out_dir, name=f"03_kmeans_ep{e:03d}")
@@ -359,9 +570,14 @@ def train_epoch(ctx, st):
     cfg, e, setup = ctx.cfg, st["epoch"], ctx.setup
     ctx.ds.set_plan(e, st["plan_indices"].numpy(), st["plan_rotations"].numpy())
     n_iter = len(ctx.ds) // cfg.batch_size
+    if ctx.groups is None:
+        batches = rank_batches(len(ctx.ds), cfg.batch_size, ctx.rank, ctx.world, st["iteration"])
+    else:  # DIST: --layout grouped, every training group feeds on its own super-class's share of the plan
+        plan_s = make_targets(st["super"][st["plan_indices"]], None, st["plan_rotations"], setup["rotate"])[0]
+        batches = group_batches(plan_s.numpy(), cfg.batch_size, ctx.rank, ctx.world, setup["S"], st["iteration"])
     loader = torch.utils.data.DataLoader(  # its own generator, so that the global RNG (dropout) only serves dropout
-        ctx.ds, batch_sampler=rank_batches(len(ctx.ds), cfg.batch_size, ctx.rank, ctx.world, st["iteration"]),
-        num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda", generator=torch.Generator())
+        ctx.ds, batch_sampler=batches, num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda",
+        generator=torch.Generator())
     bar = tqdm(total=n_iter, initial=st["iteration"], desc=f"epoch {e}", disable=not common.is_main(), leave=False)
     t0, seconds0 = time.time(), st["seconds"]
     for x, r, n in loader:  # x (b, 3, P, P) rotated crops, r (b,) rotations, n (b,) image indices
@@ -435,6 +651,8 @@ def plot_curves(metrics, path):
 
 
 def main(cfg):
+    if cfg.show_layout:  # DIST: the grouped layout's table and head memory; no processes, no data
+        return show_layout(cfg)
     rank, world, device = common.init_dist(cfg.device)
     if cfg.deterministic:  # bit-identical reruns and resumes (CUDA also needs the cuBLAS workspace setting)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -443,17 +661,19 @@ def main(cfg):
     common.log(f"04_train: {dataclasses.asdict(cfg)} | {world} process(es) on {device}")
     source = data.make_source(cfg.data, "train", cfg.subset or None, cfg.seed)
     setup = method_setup(cfg, source)
+    groups = make_groups(cfg.layout, setup, rank, world)  # DIST: None in the replicated layout
     last = os.path.join(cfg.out_dir, "04_train_last.pt")
     trunk, ck = load_start(cfg, last)
-    heads = m02.Heads(trunk.feature_dim, setup["S"], setup["k_s"])
+    d, S, k_s = trunk.feature_dim, setup["S"], setup["k_s"]
+    heads = m02.Heads(d, S, k_s) if groups is None else ShardedHeads(d, S, k_s, groups.t)  # DIST: grouped: W_t only
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
     net = Net(trunk, heads, cfg.sub_grad_scale).to(device, memory_format=fmt)
-    model = wrap_model(net, device, world)  # under torchrun: DDP, BatchNorm -> synced BatchNorm
+    model = wrap_model(net, device, world, groups)  # under torchrun: DDP (or GroupedNet), BatchNorm -> synced
     sgd = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     opts = (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),  # Sobel stays frozen
             torch.optim.SGD(heads.parameters(), **sgd))
     ctx = SimpleNamespace(cfg=cfg, setup=setup, source=source, trunk=trunk, heads=heads, model=model, opts=opts,
-                          device=device, rank=rank, world=world, fmt=fmt, last=last,
+                          device=device, rank=rank, world=world, fmt=fmt, last=last, groups=groups,
                           ds=data.RotationDataset(source, cfg.image_size, cfg.seed))
     torch.manual_seed(cfg.seed * 1000 + rank)  # the global torch RNG now only draws dropout masks
     if ck is None:  # a fresh run; the clustering methods get their labels (and new heads) at epoch 0
@@ -463,9 +683,8 @@ def main(cfg):
                                                metrics=[])
         reset_heads(heads, opts[1], torch.Generator(device).manual_seed(cfg.seed * 7919), True)
     else:
-        heads.load_state_dict(ck["heads"])
+        load_heads(heads, opts[1], ck, groups)  # DIST: the grouped layout keeps its row t of W and of its momentum
         opts[0].load_state_dict(ck["optimizer"])
-        opts[1].load_state_dict(ck["head_optimizer"])
         for group in opts[0].param_groups + opts[1].param_groups:
             group.update(sgd)  # the flags win over the saved hyper-parameters (e.g. a lower --lr after a NaN)
         set_rng_states(ck["rng"], rank, device)
@@ -482,9 +701,9 @@ def main(cfg):
               f"without saving, {last} keeps the last good state: lower --lr (now {cfg.lr})", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        save(ctx, st, last, gather=False)  # not collective: the ranks may be interrupted at different points
-        common.log(f"\ninterrupted: saved {last} (epoch {st['epoch']}, iteration {st['iteration']}); "
-                   f"re-run the same command to resume")
+        if save(ctx, st, last, gather=False):  # not collective: the ranks may be interrupted at different points
+            common.log(f"\ninterrupted: saved {last} (epoch {st['epoch']}, iteration {st['iteration']}); "
+                       f"re-run the same command to resume")
         sys.exit(130)
     common.log(f"done: {cfg.epochs} epochs; wrote {last}, 04_train_log.jsonl and 04_train_curves.png in {cfg.out_dir}")
 

@@ -1,0 +1,272 @@
+"""The paper's grouped layout (04_train.py --layout grouped, PAPER.md §7) with gloo on CPU, 4 processes, tiny model:
+
+- one training step gives the single-process loss and trunk/V gradients on the union of the groups' batches, and
+  sub-class head gradients S times the single-process ones (derivation below), for S = 4 (one super-cluster x 4
+  rotations, one rank per group) and S = 2 (no rotation, two ranks per group);
+- the sharded heads start as the single-process heads, and the checkpoint gathers them (momentum included) into the
+  stacked format: loading it back gives every rank its rows, and it loads into one process;
+- 04_train.main runs grouped for an epoch, resumes grouped, refuses N = 4 for S = 8, and its checkpoint resumes in
+  one process (replicated);
+- level 2 of the k-means inside the clustering groups (03_kmeans.level2_in_groups) equals the single-process two_level;
+- --show_layout prints the N = 16 / S = 16 table and the memory note, no processes (and refuses N = 12).
+
+This file is also the torchrun worker: `torchrun --nproc_per_node=4 tests/test_grouped.py OUT_DIR`."""
+import dataclasses
+import importlib
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+t4 = importlib.import_module("04_train")  # 04_train.py
+m02 = importlib.import_module("02_model")  # 02_model.py
+km = importlib.import_module("03_kmeans")  # 03_kmeans.py
+WORLD, B, K_S = 4, 16, 8  # processes, global batch, sub-classes per super-class
+CASES = {"S4": (4, 1), "S2": (2, 2)}  # name: (S, m); S4 = deepercluster with 1 super-cluster, S2 = deepcluster, m = 2
+TRAIN = dict(data="synthetic:64", subset=0, k=8, super_clusters=1, pca_dim=16, batch_size=16, workers=0, niter=4)
+PROBLEMS = {"m2": (12, 2), "m4": (12, 4), "m2_dup": (12, 2), "m2_small": (16, 2)}  # level 2: name: (k, m)
+
+
+# ---- what every rank runs; with world = 1 (no groups) the single-process reference ----
+def tiny_net(S):
+    trunk = m02.VGG(width=0.0625, image_size=32, sobel=True, generator=torch.Generator().manual_seed(2))
+    for mod in trunk.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0  # dropout masks come from each process's own RNG: the one thing N processes cannot match
+    return trunk, m02.Heads(trunk.feature_dim, S, K_S, generator=torch.Generator().manual_seed(3))
+
+
+def global_batch(S):
+    """x (B, 3, 32, 32), plan_s (B,) with B/S samples of each super-class in mixed order, z (B,)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 3, 32, 32, generator=g)
+    return x, torch.randperm(B, generator=g) % S, torch.randint(K_S, (B,), generator=g)
+
+
+def sgd(trunk, heads):
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-5)
+    trainable = [p for p in trunk.parameters() if p.requires_grad]  # the Sobel layer is frozen
+    return torch.optim.SGD(trainable, **kw), torch.optim.SGD(heads.parameters(), **kw)
+
+
+def grads(trunk, heads):
+    return {"trunk": {n: p.grad.clone() for n, p in trunk.named_parameters() if p.requires_grad},
+            "V": heads.V.weight.grad.clone(), "W": heads.W.grad.clone(), "b": heads.b.grad.clone()}
+
+
+def single_step(S):
+    """One process, all heads, the whole mixed batch: the reference."""
+    trunk, heads = tiny_net(S)
+    opts = sgd(trunk, heads)
+    x, s, z = global_batch(S)
+    sums = t4.train_step(t4.Net(trunk, heads), opts, x, s, z)
+    return {"loss": sums[:-1] / sums[-1], **grads(trunk, heads)}
+
+
+def grouped_step(rank, S, m, ckpt_path):
+    trunk, full = tiny_net(S)
+    groups = t4.make_groups("grouped", {"S": S, "m": m, "cluster": True}, rank, WORLD)
+    heads = t4.ShardedHeads(trunk.feature_dim, S, K_S, groups.t)
+    heads.reset(torch.Generator().manual_seed(3))  # the same draws as `full`, keeping row t
+    init_equal = torch.equal(heads.W[0], full.W[groups.t]) and torch.equal(heads.V.weight, full.V.weight)
+    model = t4.wrap_model(t4.Net(trunk, heads), torch.device("cpu"), WORLD, groups)
+    opts = sgd(trunk, heads)
+    x, s, z = global_batch(S)
+    pos = t4.group_batches(s.numpy(), B, rank, WORLD, S)[0]  # this rank's B/N positions, all of super-class t
+    assert len(pos) == B // WORLD and (s[pos] == groups.t).all()
+    sums = t4.train_step(model, opts, x[pos], s[pos], z[pos])
+    out = {"loss": sums[:-1] / sums[-1], "init_equal": torch.tensor(init_equal), **grads(trunk, heads)}
+    out["W"], out["b"] = common.all_gather_cat(out["W"]), common.all_gather_cat(out["b"])  # (WORLD, k_s, d): rank rows
+    out["W_momentum"] = common.all_gather_cat(opts[1].state[heads.W]["momentum_buffer"])  # (WORLD, k_s, d)
+    # checkpoint: gather (rank 0 writes), then every rank loads its rows back into fresh heads and optimizer
+    sd, osd = t4.head_states(heads, opts[1], groups)
+    if rank == 0:
+        common.save_ckpt({"heads": sd, "head_optimizer": osd}, ckpt_path)
+    common.barrier()
+    ck = torch.load(ckpt_path, weights_only=True)
+    heads2 = t4.ShardedHeads(trunk.feature_dim, S, K_S, groups.t)
+    opt2 = torch.optim.SGD(heads2.parameters(), lr=0.05, momentum=0.9)
+    t4.load_heads(heads2, opt2, ck, groups)
+    same = all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), heads2.state_dict().values()))
+    same &= all(torch.equal(opts[1].state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+                for p, q in zip(heads.parameters(), heads2.parameters()))
+    out["roundtrip"] = torch.tensor(same)
+    return out
+
+
+def cluster_problems():
+    rng = np.random.default_rng(0)
+    mix = (rng.normal(size=(6, 8)) * 4)[rng.integers(0, 6, size=301)] + rng.normal(size=(301, 8))
+    dup = np.repeat(rng.normal(size=(5, 4)), 9, axis=0)  # 45 points, 5 distinct: empty clusters all along
+    small = np.concatenate([rng.normal(size=(100, 4)), rng.normal(size=(3, 4)) + 50])  # a super-cluster of 3 < k_s
+    data = {"m2": mix, "m4": mix, "m2_dup": dup, "m2_small": small}
+    return {name: (data[name].astype(np.float32), k, m) for name, (k, m) in PROBLEMS.items()}
+
+
+def two_level(x, k, m, grouped):
+    rank, world, N = common.get_rank(), common.world_size(), len(x)
+    shard = torch.from_numpy(x[rank * N // world:(rank + 1) * N // world])  # contiguous shards, as 03.cluster has them
+    r = km.two_level(shard, k, m, niter=4, seed=7, groups=km.cluster_groups(m) if grouped else None)
+    return {"super": common.all_gather_cat(r["super"]), "sub": common.all_gather_cat(r["sub"]),
+            "centroids_sub": r["centroids_sub"], "objective_sub": torch.tensor(r["stats"]["objective_sub"]),
+            "n_empty_split": torch.tensor(r["stats"]["n_empty_split"]),
+            "n_small_super": torch.tensor(r["stats"]["n_small_super"])}
+
+
+def worker(out):
+    torch.set_num_threads(1)
+    rank, world, _ = common.init_dist("cpu")
+    assert world == WORLD
+    res = {name: grouped_step(rank, S, m, os.path.join(out, f"heads_{name}.pt")) for name, (S, m) in CASES.items()}
+    res["kmeans"] = {name: two_level(*p, grouped=True) for name, p in cluster_problems().items()}
+    # 04_train.main in these 4 processes: S = 8 is refused; 1 grouped epoch, then a grouped resume to epoch 2; and
+    # 2 epochs without a break, from the same init, in another folder
+    cfg = t4.Config(out_dir=os.path.join(out, "run"), layout="grouped", epochs=1, **TRAIN)
+    try:
+        t4.main(dataclasses.replace(cfg, super_clusters=2))
+    except common.UserError as e:
+        res["refusal"] = str(e)
+    t4.main(cfg)
+    t4.main(dataclasses.replace(cfg, epochs=2))
+    t4.main(dataclasses.replace(cfg, epochs=2, out_dir=os.path.join(out, "fresh"),
+                                init=os.path.join(out, "run", "02_model_init.pt")))
+    if rank == 0:
+        torch.save(res, os.path.join(out, "res.pt"))
+    common.barrier()
+
+
+# ---- the tests ----
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grouped")
+    m02.main(m02.Config(out_dir=str(out / "run"), width=0.0625, image_size=32, super_classes=4, k=8))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", os.path.abspath(__file__), str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, torch.load(out / "res.pt", weights_only=True), p.stdout
+
+
+def max_diff(a, b):
+    return float((a - b).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_step_equals_single_process(four_ranks, case):
+    S, G = CASES[case][0], WORLD // CASES[case][0]
+    got, ref = four_ranks[1][case], single_step(S)
+    assert bool(got["init_equal"])  # ShardedHeads.reset draws the single-process heads' rows
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["loss"], ref["loss"], **close)  # the 6 logged means, over the global batch
+    for name, g in ref["trunk"].items():
+        torch.testing.assert_close(got["trunk"][name], g, **close, msg=name)
+    torch.testing.assert_close(got["V"], ref["V"], **close)
+    # Sub-class heads. Single process: the loss is the mean over the mixed batch of B, so
+    #   dL/dW_t = (1/B) sum_{n: s_n = t} grad l_n.
+    # Grouped: rank r's loss is the mean over its b = B/N samples (all of super-class t) and group t averages its
+    # G = N/S ranks, so dW_t = (1/G) sum_r (1/b) sum_{n on r} grad l_n = (1/B_t) sum_{n: s_n = t} grad l_n with
+    # B_t = G b = B/S: B/B_t = S times the single-process gradient (the official per-group mean, PAPER.md §7).
+    W, b = got["W"].view(S, G, K_S, -1), got["b"].view(S, G, K_S)  # (rank,) -> (group t, rank in the group)
+    assert torch.equal(W, W[:, :1].expand_as(W)) and torch.equal(b, b[:, :1].expand_as(b))  # replicas in a group
+    torch.testing.assert_close(W[:, 0], S * ref["W"], **close)
+    torch.testing.assert_close(b[:, 0], S * ref["b"], **close)
+    assert not torch.allclose(W[:, 0], ref["W"])  # the factor is real, not 1
+    print(f"\n[grouped {case}: S = {S}, G = {G}] max |diff| vs one process: loss "
+          f"{max_diff(got['loss'], ref['loss']):.2e}, trunk grads "
+          f"{max(max_diff(got['trunk'][n], g) for n, g in ref['trunk'].items()):.2e}, V grad "
+          f"{max_diff(got['V'], ref['V']):.2e}, W grad / S {max_diff(W[:, 0] / S, ref['W']):.2e}; "
+          f"max |W grad| {float(ref['W'].abs().max()):.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_checkpoint_gathers_heads_and_momentum(four_ranks, case):
+    out, res = four_ranks[0], four_ranks[1][case]
+    S, G = CASES[case][0], WORLD // CASES[case][0]
+    assert bool(res["roundtrip"])  # every rank got its own W_t, b_t and their momentum back
+    ck = torch.load(out / f"heads_{case}.pt", weights_only=True)
+    heads = m02.Heads(ck["heads"]["W"].shape[2], S, K_S)
+    heads.load_state_dict(ck["heads"])  # the stacked (S, k_s, d) format of one process
+    opt = torch.optim.SGD(heads.parameters(), lr=0.05, momentum=0.9)
+    opt.load_state_dict(ck["head_optimizer"])
+    buf = opt.state[heads.W]["momentum_buffer"]  # (S, k_s, d) after one SGD step, row t from group t
+    assert torch.equal(buf, res["W_momentum"].view(S, G, K_S, -1)[:, 0])
+
+
+@pytest.mark.slow
+def test_grouped_level2_equals_single_process(four_ranks):
+    for name, (x, k, m) in cluster_problems().items():
+        got, ref = four_ranks[1]["kmeans"][name], two_level(x, k, m, grouped=False)
+        assert torch.equal(got["super"], ref["super"]) and torch.equal(got["sub"], ref["sub"]), name
+        torch.testing.assert_close(got["centroids_sub"], ref["centroids_sub"], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got["objective_sub"], ref["objective_sub"], atol=1e-6, rtol=1e-6, msg=name)
+        assert int(got["n_empty_split"]) == int(ref["n_empty_split"]), name
+        assert name != "m2_dup" or int(got["n_empty_split"]) > 0  # the empty-cluster paths ran inside the groups
+        assert int(got["n_small_super"]) == int(ref["n_small_super"]) == (name == "m2_small"), name
+        print(f"\n[level 2 in groups, {name}: k = {k}, m = {m}] labels equal; max |diff| centroids "
+              f"{max_diff(got['centroids_sub'], ref['centroids_sub']):.2e}")
+
+
+@pytest.mark.slow
+def test_main_grouped_resumes_and_loads_single_process(four_ranks):
+    out, res, stdout = four_ranks
+    assert "N must be a multiple of S=8: 8, 16, 24, 32" in res["refusal"]  # 4 processes, 2 super-clusters
+    assert "resuming" in stdout and "4 process(es)" in stdout  # the second main() resumed, grouped
+    run = out / "run"
+    ck = torch.load(run / "04_train_last.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["config"]["layout"] == "grouped"
+    assert ck["heads"]["W"].shape[:2] == (4, K_S) and ck["rng"]["torch"].shape[0] == WORLD
+    # resumed at epoch 1 = trained without a break: the gathered heads and their momentum went back to their groups
+    fresh = torch.load(out / "fresh" / "04_train_ep002.pt", weights_only=True)
+    for key in ("model", "heads"):
+        for name, v in fresh[key].items():
+            torch.testing.assert_close(ck[key][name], v, atol=1e-6, rtol=1e-6, msg=name)
+    for i, st in fresh["head_optimizer"]["state"].items():
+        torch.testing.assert_close(ck["head_optimizer"]["state"][i]["momentum_buffer"], st["momentum_buffer"],
+                                   atol=1e-6, rtol=1e-6)
+    print(f"\n[grouped resume vs no break, 2 epochs] max |diff| trunk "
+          f"{max(max_diff(ck['model'][n].float(), v.float()) for n, v in fresh['model'].items()):.2e}, heads "
+          f"{max(max_diff(ck['heads'][n], v) for n, v in fresh['heads'].items()):.2e}")
+    # the same checkpoint resumes in one process, replicated (every head in one process), for a third epoch
+    t4.main(t4.Config(out_dir=str(run), epochs=3, **TRAIN))
+    ck3 = torch.load(run / "04_train_last.pt", weights_only=True)
+    assert ck3["epoch"] == 3 and ck3["config"]["layout"] == "replicated" and len(ck3["metrics"]) == 3
+
+
+def test_show_layout_16(capsys):
+    t4.main(t4.Config(out_dir="/nonexistent", layout="grouped", show_layout=True, world_size=16))
+    text = capsys.readouterr().out
+    assert "16 training groups of N/S = 1 rank(s); 4 clustering group(s) of N/m = 4 rank(s)" in text
+    rows = [line.split("|") for line in text.splitlines() if line[:4].strip().isdigit()]
+    assert [[int(c) for c in r] for r in rows] == [[n, n, n, n // 4, n % 4, n // 4] for n in range(16)]  # Eq. (6)
+    assert "5,244,225,552 = 20.98 GB (x3: 62.93 GB)" in text and "327,825,552 = 1.31 GB (x3: 3.93 GB)" in text
+
+
+def test_show_layout_refuses_wrong_n(capsys):
+    with pytest.raises(SystemExit) as e:
+        common.run(t4.main, t4.Config, ["--layout", "grouped", "--show_layout", "--world_size", "12"])
+    assert e.value.code == 2
+    assert "N must be a multiple of S=16: 16, 32, 48, 64" in capsys.readouterr().err
+    with pytest.raises(common.UserError, match="use replicated or grouped"):
+        t4.make_groups("sharded", {"S": 4}, 0, 4)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
