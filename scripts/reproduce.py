@@ -5,7 +5,7 @@ Reads:  nothing; runs the numbered stages as subprocesses, exactly as a user wou
 Writes: results/<data>/runs/<method>_s<seed>/...   every stage's files (checkpoints deleted at the end, logs kept)
         results/<data>/table.md, table.json         mean ± std over seeds, one row per method
         results/<data>/layers.png                    linear-probe accuracy per layer, one line per method
-        results/<data>/k_sweep.md                    DeeperCluster with k = 10, 50, 200, 1000 (the paper's Figure 1 axis)
+        results/<data>/k_sweep.md                    DeeperCluster with k = 8, 40, 160, 1000 (the paper's Figure 1 axis; m fixed)
 Run:    python scripts/reproduce.py --data fashion-mnist            (make reproduce)
         python scripts/reproduce.py --data cifar10:/path/to/cifar-10-batches-py --subset 20000
 It is restartable: a run whose 05_eval.json exists is not run again, so kill it and start it again at will.
@@ -63,7 +63,8 @@ def one_run(a, method, seed, extra=(), name=None):
         secs += sh([PY, "04_train.py", "--out_dir", run_dir, "--epochs", str(a.epochs), "--reassign", str(a.reassign),
                     "--batch_size", str(a.batch_size), "--lr", str(a.lr)] + data + clus + METHODS[method] + a.train_flags, log)
         ckpt = os.path.join(run_dir, "04_train_last.pt")
-    secs += sh([PY, "05_eval.py", "--out_dir", run_dir, "--ckpt", ckpt, "--layers", "all"] + data + a.eval_flags, log)
+    secs += sh([PY, "05_eval.py", "--out_dir", run_dir, "--ckpt", ckpt, "--layers", "all", "--data", a.data, "--seed", str(seed),
+                "--train_subset", str(a.subset), "--test_subset", str(a.test_subset)] + a.eval_flags, log)
     res = json.load(open(done))
     res["wall_seconds"] = secs
     json.dump(res, open(done, "w"), indent=1)
@@ -75,7 +76,9 @@ def one_run(a, method, seed, extra=(), name=None):
 
 def summary(res):
     """The numbers of one run that go in the table (keys written by 05_eval.py)."""
-    row = res["rows"][0]
+    row = dict(res["rows"][0])
+    if not any(m in str(row.get("method", "")) for m in ("deepcluster", "deepercluster")):
+        row["nmi_labels"] = None  # rotnet / supervised / random have no clusters of their own
     return {k: row.get(k) for k in ("knn20", "knn200", "probe_best", "probe_best_layer", "probe_fc7", "nmi_labels")} | \
         {"layers": row.get("probe_layers", {}), "wall_seconds": res.get("wall_seconds", 0.0)}
 
@@ -135,11 +138,12 @@ def plot_layers(a, rows):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--subset", type=int, default=10000)
+    p.add_argument("--subset", type=int, default=4000)
+    p.add_argument("--test_subset", type=int, default=2000, help="test images for probes and kNN")
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--reassign", type=int, default=3)
+    p.add_argument("--reassign", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--k", type=int, default=160)
@@ -147,7 +151,7 @@ def main():
     p.add_argument("--pca_dim", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--k_sweep", type=int, nargs="*", default=[10, 50, 200, 1000])
+    p.add_argument("--k_sweep", type=int, nargs="*", default=[8, 40, 160, 1000])
     p.add_argument("--model_flags", nargs="*", default=[])
     p.add_argument("--train_flags", nargs="*", default=[])
     p.add_argument("--eval_flags", nargs="*", default=[])
@@ -164,8 +168,9 @@ def main():
             write_table(a, rows)
     lines = ["| k (total) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |", "|---|---|---|---|---|---|"]
     for k in a.k_sweep:  # the paper's Figure 1 varies k; one seed here
-        m = min(a.m, k)
-        r = summary(one_run(a, "deepercluster", 0, extra=["--k", str(k), "--super_clusters", str(m)], name=f"ksweep_k{k}"))
+        m = a.m  # k must be a multiple of m; the main table's k is the seed-0 DeeperCluster run itself
+        name = f"deepercluster_s{a.seeds[0]}" if k == a.k else f"ksweep_k{k}"
+        r = summary(one_run(a, "deepercluster", a.seeds[0], extra=["--k", str(k)], name=name))
         lines.append(f"| {k} | {k // m} | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} | "
                      f"{100 * r['probe_fc7']:.1f} | {r['nmi_labels'] if r['nmi_labels'] is not None else '–'} |")
         open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
