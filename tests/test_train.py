@@ -23,7 +23,7 @@ m02 = importlib.import_module("02_model")  # 02_model.py
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 TINY = ["--data", "synthetic:160", "--subset", "0", "--k", "16", "--super_clusters", "2", "--pca_dim", "16",
-        "--batch_size", "32", "--workers", "0", "--epochs", "2", "--deterministic", "--ckpt_every", "2"]
+        "--batch_size", "32", "--workers", "0", "--epochs", "2", "--reassign", "3", "--deterministic", "--ckpt_every", "2"]
 
 
 def train(out, *extra, env=None):
