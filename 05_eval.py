@@ -413,7 +413,7 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def markdown_table(rows, cfg, spec):
+def markdown_table(rows, cfg, spec, sizes=None):
     voc = [m for m in ("fc6-8", "all") if any(m in row["voc_map"] for row in rows)]
     lines = ["| checkpoint | method | kNN@20 | kNN@200 | best conv probe (layer) | fc7 probe | NMI vs labels | ARI |" +
              "".join(f" VOC07 mAP {m} |" for m in voc), "|---" * (8 + len(voc)) + "|"]
@@ -422,8 +422,8 @@ def markdown_table(rows, cfg, spec):
         cells = [w["checkpoint"], w["method"], pct(w["knn20"]), pct(w["knn200"]), best, pct(w["probe_fc7"])]
         cells += ["-" if w[k] is None else f"{w[k]:.3f}" for k in ("nmi_labels", "ari_labels")]
         lines.append("| " + " | ".join(cells + [pct(w["voc_map"].get(m)) for m in voc]) + " |")
-    return "\n".join(lines) + (f"\n\nTop-1 % on the {spec} test split ({cfg.test_subset or 'all'} images). Linear probes: "
-                               f"{cfg.probe_epochs} epochs, lr0 {cfg.probe_lr}, {cfg.train_subset or 'all'} train images, "
+    return "\n".join(lines) + (f"\n\nTop-1 % on the {spec} test split ({sizes[1] if sizes else '-'} images). Linear probes: "
+                               f"{cfg.probe_epochs} epochs, lr0 {cfg.probe_lr}, {sizes[0] if sizes else '-'} train images, "
                                f"{'random crops' if cfg.probe_aug else 'cached center crops'}. kNN on {cfg.knn_layer}, "
                                f"tau {cfg.knn_tau}. NMI (Eq. (18)) / ARI: the checkpoint's last clusters u*k_s+z vs the "
                                f"true classes.\n")
@@ -575,7 +575,7 @@ def main(cfg):
             r["probe"], r["knn"] = feature_evals(model, cache[key], layers, knn_layer, ks, cfg, device)
         else:
             common.log(f"{spec} has no labelled test split: no probes, no kNN")
-        if meta["super"] is not None:
+        if meta["super"] is not None and meta["method"].split()[0] in ("deepcluster", "deepercluster"):  # rotnet: 1 cluster
             r["clusters"] = cluster_evals(model, meta, spec, grid_png, cfg, device)
             grid_png = None  # one figure: the first checkpoint with assignments
             common.log(f"clusters vs labels: {r['clusters']}")
@@ -584,7 +584,8 @@ def main(cfg):
             common.log(f"VOC07 {mode}: mAP {pct(v['map'])}% ({v['seconds']} s)")
         results.append(r | {"seconds": round(time.time() - t0, 1)})
     rows = [summary_row(r) for r in results]
-    table = markdown_table(rows, cfg, spec)
+    sizes = next(((len(c["y_tr"]), len(c["y_te"])) for c in cache.values() if "y_tr" in c), None)
+    table = markdown_table(rows, cfg, spec, sizes)
     with open(f"{out}/05_eval.md", "w") as fh:
         fh.write(table)
     written = [common.save_json({"config": asdict(cfg), "rows": rows, "results": results}, f"{out}/05_eval.json"), fh.name]
