@@ -73,6 +73,7 @@ class Config:
     reset_super_head: str = "auto"  # re-initialise V at each round: auto (when m > 1, PAPER.md §5.1) | always | never
     sub_grad_scale: bool = False  # scale each W_s gradient by B/B_s like the official per-group average (PAPER.md §7)
     workers: int = 2  # DataLoader worker processes
+    crop_min: float = 0.08  # smallest RandomResizedCrop area fraction (paper: 0.08 at 224 px; see README on 32 px)
     amp: bool = False  # bf16 autocast + channels_last, on CPU or CUDA (not in the paper)
     deterministic: bool = False  # torch.use_deterministic_algorithms: a resumed run ends with identical weights
     ckpt_every: int = 0  # also write 04_train_last.pt every N iterations (0 = at epoch ends only)
@@ -674,7 +675,7 @@ def main(cfg):
             torch.optim.SGD(heads.parameters(), **sgd))
     ctx = SimpleNamespace(cfg=cfg, setup=setup, source=source, trunk=trunk, heads=heads, model=model, opts=opts,
                           device=device, rank=rank, world=world, fmt=fmt, last=last, groups=groups,
-                          ds=data.RotationDataset(source, cfg.image_size, cfg.seed))
+                          ds=data.RotationDataset(source, cfg.image_size, cfg.seed, crop_scale=(cfg.crop_min, 1.0)))
     torch.manual_seed(cfg.seed * 1000 + rank)  # the global torch RNG now only draws dropout masks
     if ck is None:  # a fresh run; the clustering methods get their labels (and new heads) at epoch 0
         lab = {k: None if setup[k] is None else torch.from_numpy(setup[k]) for k in ("super", "sub")}

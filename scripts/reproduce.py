@@ -92,14 +92,14 @@ def mean_std(xs):
 
 def write_table(a, rows):
     lines = [f"# Small-scale reproduction on `{a.data}` (subset {a.subset}, {a.image_size} px, width {a.width}, "
-             f"{a.epochs} epochs, seeds {a.seeds})", "",
-             "| method | kNN@20 | kNN@200 | best conv probe (layer) | fc7 probe | NMI vs labels | minutes/run |",
-             "|---|---|---|---|---|---|---|"]
+             f"{a.epochs} epochs)", "",
+             "| method | seeds | kNN@20 | kNN@200 | best conv probe (layer) | fc7 probe | NMI vs labels | minutes/run |",
+             "|---|---|---|---|---|---|---|---|"]
     for method, runs in rows.items():
         s = [summary(r) for r in runs]
         best_layers = sorted({str(x["probe_best_layer"]) for x in s})
         nmi = [x["nmi_labels"] for x in s if x["nmi_labels"] is not None]
-        lines.append(f"| {method} | {mean_std([x['knn20'] for x in s])} | {mean_std([x['knn200'] for x in s])} | "
+        lines.append(f"| {method} | {len(s)} | {mean_std([x['knn20'] for x in s])} | {mean_std([x['knn200'] for x in s])} | "
                      f"{mean_std([x['probe_best'] for x in s])} ({','.join(best_layers)}) | "
                      f"{mean_std([x['probe_fc7'] for x in s])} | "
                      f"{(f'{np.mean(nmi):.3f}') if nmi else '–'} | {np.mean([x['wall_seconds'] for x in s]) / 60:.1f} |")
@@ -156,23 +156,35 @@ def main():
     p.add_argument("--train_flags", nargs="*", default=[])
     p.add_argument("--eval_flags", nargs="*", default=[])
     p.add_argument("--results", default="")
+    p.add_argument("--table_only", action="store_true", help="only rebuild table.md / layers.png / k_sweep.md from finished runs")
     a = p.parse_args()
     a.results = a.results or os.path.join(ROOT, "results", a.data.split(":")[0])
     os.makedirs(a.results, exist_ok=True)
-    json.dump(vars(a), open(os.path.join(a.results, "settings.json"), "w"), indent=1)
+    if not a.table_only:
+        json.dump(vars(a), open(os.path.join(a.results, "settings.json"), "w"), indent=1)
     rows = {}
-    for seed in a.seeds:  # seeds outermost: after the first pass a complete (1-seed) table already exists
+    if a.table_only:  # rebuild the table from the finished runs only (e.g. after stopping the sweep early)
+        for method in a.methods:
+            done = [os.path.join(a.results, "runs", f"{method}_s{seed}", "05_eval.json") for seed in a.seeds]
+            rows[method] = [json.load(open(f)) for f in done if os.path.exists(f)]
+        write_table(a, {m: r for m, r in rows.items() if r})
+        a.seeds = a.seeds[:1]
+        rows = {}
+    for seed in ([] if a.table_only else a.seeds):  # seeds outermost: after the first pass a complete (1-seed) table already exists
         for method in a.methods:
             print(f"== {method} seed {seed}", flush=True)
             rows.setdefault(method, []).append(one_run(a, method, seed))
             write_table(a, rows)
     lines = ["| k (total) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |", "|---|---|---|---|---|---|"]
     for k in a.k_sweep:  # the paper's Figure 1 varies k; one seed here
+        if a.table_only and not os.path.exists(os.path.join(
+                a.results, "runs", f"deepercluster_s{a.seeds[0]}" if k == a.k else f"ksweep_k{k}", "05_eval.json")):
+            continue
         m = a.m  # k must be a multiple of m; the main table's k is the seed-0 DeeperCluster run itself
         name = f"deepercluster_s{a.seeds[0]}" if k == a.k else f"ksweep_k{k}"
         r = summary(one_run(a, "deepercluster", a.seeds[0], extra=["--k", str(k)], name=name))
         lines.append(f"| {k} | {k // m} | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} | "
-                     f"{100 * r['probe_fc7']:.1f} | {r['nmi_labels'] if r['nmi_labels'] is not None else '–'} |")
+                     f"{100 * r['probe_fc7']:.1f} | {f"{r['nmi_labels']:.3f}" if r['nmi_labels'] is not None else '–'} |")
         open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
