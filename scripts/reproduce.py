@@ -183,8 +183,9 @@ def main():
         m = a.m  # k must be a multiple of m; the main table's k is the seed-0 DeeperCluster run itself
         name = f"deepercluster_s{a.seeds[0]}" if k == a.k else f"ksweep_k{k}"
         r = summary(one_run(a, "deepercluster", a.seeds[0], extra=["--k", str(k)], name=name))
+        nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {k} | {k // m} | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} | "
-                     f"{100 * r['probe_fc7']:.1f} | {f"{r['nmi_labels']:.3f}" if r['nmi_labels'] is not None else '–'} |")
+                     f"{100 * r['probe_fc7']:.1f} | {nmi} |")
         open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
