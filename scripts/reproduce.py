@@ -127,7 +127,7 @@ def plot_layers(a, rows):
         ax.fill_between(layers, m - s, m + s, alpha=0.15)
     ax.set_xlabel("layer (conv1..conv13, fc7)")
     ax.set_ylabel("linear probe top-1 (%)")
-    ax.set_title(f"{a.data}: linear probe per layer (mean ± std over {len(a.seeds)} seeds)")
+    ax.set_title(f"{a.data}: linear probe per layer (mean ± std over {max(len(r) for r in rows.values())} seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
