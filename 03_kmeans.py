@@ -46,7 +46,7 @@ class Config:
     out_dir: str = "out"  # folder holding every stage's files
     ckpt: str = ""  # trunk checkpoint to cluster with ("" = <out_dir>/02_model_init.pt)
     data: str = "fashion-mnist"  # data source spec (see 01_data.make_source)
-    subset: int = 5000  # use a seeded subset of N images (0 = all; paper: 96M YFCC100M images)
+    subset: int = 20000  # use a seeded subset of N images (0 = all; paper: 96M YFCC100M images)
     image_size: int = 32  # crop size in px, must match the trunk (paper: 224)
     k: int = 160  # sub-classes over all super-clusters (paper: 320000; DeepCluster: 10000)
     super_clusters: int = 4  # m, level-1 clusters; S = 4m super-classes (paper: 4)

@@ -54,7 +54,7 @@ class Config:
     out_dir: str = "out"  # all inputs and outputs live here
     init: str = ""  # initial trunk checkpoint, default <out_dir>/02_model_init.pt (its architecture and weights)
     data: str = "fashion-mnist"  # data source spec, see 01_data.make_source (paper: YFCC100M)
-    subset: int = 5000  # seeded subset of the source, 0 = all of it (paper: 95.9M images)
+    subset: int = 20000  # seeded subset of the source, 0 = all of it (paper: 95.9M images)
     image_size: int = 32  # training and clustering crop in pixels (paper: 224)
     seed: int = 0  # one seed for sampling, augmentation, k-means, head init and dropout
     method: str = "deepercluster"  # deepercluster | rotnet | deepcluster | supervised (PAPER.md §8)
@@ -63,8 +63,8 @@ class Config:
     pca_dim: int = 64  # PCA-whitening dimension D (paper: 4096)
     niter: int = 10  # Lloyd iterations per k-means level (paper: 10)
     kmeans_backend: str = "auto"  # 03_kmeans backend (auto picks faiss when present)
-    reassign: int = 2  # T: re-cluster every T epochs (paper: 3; DeepCluster: 1; 2 gives the 8-epoch demo 4 rounds)
-    epochs: int = 8  # total number of epochs (paper: 100)
+    reassign: int = 2  # T: re-cluster every T epochs (paper: 3; DeepCluster: 1; 2 gives the 16-epoch demo 8 rounds)
+    epochs: int = 16  # total number of epochs (paper: 100)
     epoch_size: int = 0  # E images drawn per epoch, 0 = N (paper: about N)
     batch_size: int = 64  # global batch, split over ranks (paper: 48 per GPU x 64 GPUs = 3072)
     lr: float = 0.05  # constant learning rate, trunk and heads (paper: 0.1 at batch 3072; 0.05 at batch 64 here)
@@ -73,7 +73,7 @@ class Config:
     reset_super_head: str = "auto"  # re-initialise V at each round: auto (when m > 1, PAPER.md §5.1) | always | never
     sub_grad_scale: bool = False  # scale each W_s gradient by B/B_s like the official per-group average (PAPER.md §7)
     workers: int = 2  # DataLoader worker processes
-    crop_min: float = 0.08  # smallest RandomResizedCrop area fraction (paper: 0.08 at 224 px; see README on 32 px)
+    crop_min: float = 0.5  # smallest RandomResizedCrop area fraction (paper: 0.08 at 224 px; too small at 32 px, README)
     amp: bool = False  # bf16 autocast + channels_last, on CPU or CUDA (not in the paper)
     deterministic: bool = False  # torch.use_deterministic_algorithms: a resumed run ends with identical weights
     ckpt_every: int = 0  # also write 04_train_last.pt every N iterations (0 = at epoch ends only)

@@ -31,24 +31,24 @@ data:
 test: venv data
 	$(VPY) -m pytest
 
-# The demo: every stage in order on Fashion-MNIST (a 5k subset, 32 px, VGG-16-BN at 1/4 width, 8 epochs).
-DEMO_DATA  ?= --data fashion-mnist --subset 5000 --image_size 32 --seed 0
+# The demo: every stage in order on Fashion-MNIST (a 20k subset, 32 px, VGG-16-BN at 1/4 width, 16 epochs).
+DEMO_DATA  ?= --data fashion-mnist --subset 20000 --image_size 32 --seed 0
 DEMO_MODEL ?= --width 0.25 --sobel
 DEMO_CLUST ?= --k 160 --super_clusters 4 --pca_dim 64
-DEMO_TRAIN ?= --epochs 8 --reassign 2 --batch_size 64 --lr 0.05 --workers 2
+DEMO_TRAIN ?= --epochs 16 --reassign 2 --batch_size 64 --lr 0.05 --crop_min 0.5 --workers 2
 demo: venv data
 	$(VPY) 01_data.py --out_dir $(OUT) $(DEMO_DATA)
 	$(VPY) 02_model.py --out_dir $(OUT) --image_size 32 $(DEMO_MODEL) --super_classes 16 --k 160
 	$(VPY) 03_kmeans.py --out_dir $(OUT) $(DEMO_DATA) $(DEMO_CLUST)
 	$(VPY) 04_train.py --out_dir $(OUT) $(DEMO_DATA) $(DEMO_CLUST) $(DEMO_TRAIN)
 	$(VPY) 05_eval.py --out_dir $(OUT) --ckpt $(OUT)/02_model_init.pt,$(OUT)/04_train_last.pt \
-	    --data fashion-mnist --train_subset 5000 --test_subset 2000
+	    --data fashion-mnist --train_subset 10000 --test_subset 2000
 
 bench: venv data
 	$(VPY) bench/run_all.py
 
 reproduce: venv data
-	$(VPY) scripts/reproduce.py --data fashion-mnist
+	$(VPY) scripts/reproduce.py --data fashion-mnist --jobs 2
 
 clean:
 	rm -rf out .pytest_cache

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -33,13 +34,14 @@ METHODS = {
 }
 
 
-def sh(cmd, log):
+def sh(cmd, log, threads=0):
     """Run one stage; its output goes to a log file next to its results; fail loudly with the log's tail."""
     t0 = time.time()
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))  # --jobs: share the cores
     with open(log, "a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
-        rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         tail = open(log).read()[-3000:]
         raise SystemExit(f"command failed (exit {rc}): {' '.join(cmd)}\n--- {log} (tail) ---\n{tail}")
@@ -56,15 +58,16 @@ def one_run(a, method, seed, extra=(), name=None):
     log = os.path.join(run_dir, "stdout.log")
     data = ["--data", a.data, "--subset", str(a.subset), "--image_size", str(a.image_size), "--seed", str(seed)]
     clus = ["--k", str(a.k), "--super_clusters", str(a.m), "--pca_dim", str(a.pca_dim)] + list(extra)
+    t = a.threads
     secs = sh([PY, "02_model.py", "--out_dir", run_dir, "--width", str(a.width), "--image_size", str(a.image_size),
-               "--seed", str(seed)] + a.model_flags, log)
+               "--seed", str(seed)] + a.model_flags, log, t)
     ckpt = os.path.join(run_dir, "02_model_init.pt")
     if METHODS[method] is not None:
         secs += sh([PY, "04_train.py", "--out_dir", run_dir, "--epochs", str(a.epochs), "--reassign", str(a.reassign),
-                    "--batch_size", str(a.batch_size), "--lr", str(a.lr)] + data + clus + METHODS[method] + a.train_flags, log)
+                    "--batch_size", str(a.batch_size), "--lr", str(a.lr)] + data + clus + METHODS[method] + a.train_flags, log, t)
         ckpt = os.path.join(run_dir, "04_train_last.pt")
     secs += sh([PY, "05_eval.py", "--out_dir", run_dir, "--ckpt", ckpt, "--layers", "all", "--data", a.data, "--seed", str(seed),
-                "--train_subset", str(a.subset), "--test_subset", str(a.test_subset)] + a.eval_flags, log)
+                "--train_subset", str(a.eval_train_subset or a.subset), "--test_subset", str(a.test_subset)] + a.eval_flags, log, t)
     res = json.load(open(done))
     res["wall_seconds"] = secs
     json.dump(res, open(done, "w"), indent=1)
@@ -138,11 +141,11 @@ def plot_layers(a, rows):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--subset", type=int, default=4000)
+    p.add_argument("--subset", type=int, default=20000)
     p.add_argument("--test_subset", type=int, default=2000, help="test images for probes and kNN")
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--reassign", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
@@ -155,40 +158,51 @@ def main():
     p.add_argument("--model_flags", nargs="*", default=[])
     p.add_argument("--train_flags", nargs="*", default=[])
     p.add_argument("--eval_flags", nargs="*", default=[])
+    p.add_argument("--eval_train_subset", type=int, default=10000, help="labelled images for probes and kNN bank (0 = --subset)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores/jobs threads")
     p.add_argument("--results", default="")
     p.add_argument("--table_only", action="store_true", help="only rebuild table.md / layers.png / k_sweep.md from finished runs")
     a = p.parse_args()
+    a.threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else 0  # 0: torch's own default
     a.results = a.results or os.path.join(ROOT, "results", a.data.split(":")[0])
     os.makedirs(a.results, exist_ok=True)
     if not a.table_only:
         json.dump(vars(a), open(os.path.join(a.results, "settings.json"), "w"), indent=1)
-    rows = {}
-    if a.table_only:  # rebuild the table from the finished runs only (e.g. after stopping the sweep early)
-        for method in a.methods:
-            done = [os.path.join(a.results, "runs", f"{method}_s{seed}", "05_eval.json") for seed in a.seeds]
-            rows[method] = [json.load(open(f)) for f in done if os.path.exists(f)]
-        write_table(a, {m: r for m, r in rows.items() if r})
-        a.seeds = a.seeds[:1]
-        rows = {}
-    for seed in ([] if a.table_only else a.seeds):  # seeds outermost: after the first pass a complete (1-seed) table already exists
-        for method in a.methods:
-            print(f"== {method} seed {seed}", flush=True)
-            rows.setdefault(method, []).append(one_run(a, method, seed))
-            write_table(a, rows)
-    lines = ["| k (total) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |", "|---|---|---|---|---|---|"]
-    for k in a.k_sweep:  # the paper's Figure 1 varies k; one seed here
-        if a.table_only and not os.path.exists(os.path.join(
-                a.results, "runs", f"deepercluster_s{a.seeds[0]}" if k == a.k else f"ksweep_k{k}", "05_eval.json")):
-            continue
-        m = a.m  # k must be a multiple of m; the main table's k is the seed-0 DeeperCluster run itself
-        name = f"deepercluster_s{a.seeds[0]}" if k == a.k else f"ksweep_k{k}"
-        r = summary(one_run(a, "deepercluster", a.seeds[0], extra=["--k", str(k)], name=name))
-        nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
-        lines.append(f"| {k} | {k // m} | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} | "
-                     f"{100 * r['probe_fc7']:.1f} | {nmi} |")
-        open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not a.table_only:
+        # Every run is independent: seeds outermost (after the first pass a complete 1-seed table exists), then the k
+        # sweep. --jobs N runs N at once with cores/N threads each (small 32-px convs use several threads poorly, so
+        # parallel runs finish a sweep sooner; bench/RESULTS.md has the measured ratio).
+        tasks = [(m, s, [], f"{m}_s{s}") for s in a.seeds for m in a.methods]
+        tasks += [("deepercluster", a.seeds[0], ["--k", str(k)], f"ksweep_k{k}") for k in a.k_sweep if k != a.k]
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            futures = {pool.submit(one_run, a, *t): t for t in tasks}
+            for f in as_completed(futures):
+                f.result()  # a failed run stops the sweep with its log's tail (the finished runs stay)
+                print(f"== done: {futures[f][3]}", flush=True)
+                collect(a)
+    collect(a)
 
+
+def collect(a):
+    """table.md / layers.png / k_sweep.md from the runs finished so far (each run's 05_eval.json)."""
+    def load(name):
+        f = os.path.join(a.results, "runs", name, "05_eval.json")
+        return json.load(open(f)) if os.path.exists(f) else None
+    rows = {m: [r for r in (load(f"{m}_s{s}") for s in a.seeds) if r] for m in a.methods}
+    if any(rows.values()):
+        write_table(a, {m: r for m, r in rows.items() if r})
+    lines = ["| k (total) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |", "|---|---|---|---|---|---|"]
+    for k in a.k_sweep:  # the paper's Figure 1 varies k; one seed (the main table's k is its seed-0 DeeperCluster run)
+        res = load(f"deepercluster_s{a.seeds[0]}" if k == a.k else f"ksweep_k{k}")
+        if res is None:
+            continue
+        r = summary(res)
+        nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
+        lines.append(f"| {k} | {k // a.m} | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} | "
+                     f"{100 * r['probe_fc7']:.1f} | {nmi} |")
+    if len(lines) > 2:
+        open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
     main()
