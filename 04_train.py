@@ -673,6 +673,8 @@ def main(cfg):
     sgd = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     opts = (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),  # Sobel stays frozen
             torch.optim.SGD(heads.parameters(), **sgd))
+    # DEVIATION(paper): RandomResizedCrop keeps at least --crop_min = 50% of the image (paper: 8%), because at 32 px an
+    # 8% crop is a 9x9-pixel patch whose rotation and cluster cannot be predicted (README, Results: finding 3).
     ctx = SimpleNamespace(cfg=cfg, setup=setup, source=source, trunk=trunk, heads=heads, model=model, opts=opts,
                           device=device, rank=rank, world=world, fmt=fmt, last=last, groups=groups,
                           ds=data.RotationDataset(source, cfg.image_size, cfg.seed, crop_scale=(cfg.crop_min, 1.0)))

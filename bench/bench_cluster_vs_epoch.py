@@ -4,7 +4,7 @@ Runs 02_model.py and then 04_train.py for 2 epochs with T = 2 (a clustering roun
 folder, exactly as `make demo` does, and reads the seconds the stages logged themselves: 03_kmeans_ep000.json
 (feature extraction + k-means) and 04_train_log.jsonl (epoch 1 has no clustering, so it is one pure training epoch).
 Appends the ratio to bench/RESULTS.md.
-Run:    python bench/bench_cluster_vs_epoch.py [--subset 5000]
+Run:    python bench/bench_cluster_vs_epoch.py [--subset 20000]
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--subset", type=int, default=5000)
+    p.add_argument("--subset", type=int, default=20000)
     p.add_argument("--no_write", action="store_true")
     a = p.parse_args()
     out = tempfile.mkdtemp(prefix="bench_cve_")

@@ -7,6 +7,6 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-for script in ("bench_model.py", "bench_kmeans.py", "bench_train.py", "bench_cluster_vs_epoch.py"):
+for script in ("bench_model.py", "bench_kmeans.py", "bench_train.py", "bench_cluster_vs_epoch.py", "bench_jobs.py"):
     print(f"== bench/{script}", flush=True)
     subprocess.run([sys.executable, os.path.join(HERE, script)], cwd=os.path.dirname(HERE), check=True)

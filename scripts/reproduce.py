@@ -6,6 +6,7 @@ Writes: results/<data>/runs/<method>_s<seed>/...   every stage's files (checkpoi
         results/<data>/table.md, table.json         mean ± std over seeds, one row per method
         results/<data>/layers.png                    linear-probe accuracy per layer, one line per method
         results/<data>/k_sweep.md                    DeeperCluster with k = 8, 40, 160, 1000 (the paper's Figure 1 axis; m fixed)
+        results/<data>/variants.md                   with --variants: one knob changed at a time (crop, m, V reset, ...)
 Run:    python scripts/reproduce.py --data fashion-mnist            (make reproduce)
         python scripts/reproduce.py --data cifar10:/path/to/cifar-10-batches-py --subset 20000
 It is restartable: a run whose 05_eval.json exists is not run again, so kill it and start it again at will.
@@ -33,6 +34,21 @@ METHODS = {
     "supervised": ["--method", "supervised"],
 }
 
+# The settings every run of a results folder shares (settings.json); seeds, methods, variants and --jobs may differ.
+BUDGET = ["data", "subset", "test_subset", "eval_train_subset", "image_size", "width", "epochs", "reassign",
+          "batch_size", "lr", "k", "m", "pca_dim", "model_flags", "train_flags", "eval_flags"]
+
+# One-seed DeeperCluster variants (--variants): which knob matters at small scale (README, Results). Each is
+# (flags for 02_model.py, flags for 04_train.py), added after the main table's own flags, so they override them.
+VARIANTS = {
+    "paper_crop": ([], ["--crop_min", "0.08"]),  # the paper's minimum crop area (8%) instead of 50%
+    "m1": ([], ["--super_clusters", "1"]),  # super-class = rotation only (S = 4), so V is never reset
+    "keep_V": ([], ["--reset_super_head", "never"]),  # m = 4, but V keeps its weights across clusterings
+    "sub_grad_scale": ([], ["--sub_grad_scale"]),  # W_s gets the official per-group gradient scale (PAPER.md §7)
+    "T1": ([], ["--reassign", "1"]),  # re-cluster every epoch (DeepCluster's T)
+    "no_sobel": (["--no-sobel"], []),  # grey-level input instead of the fixed Sobel filters
+}
+
 
 def sh(cmd, log, threads=0):
     """Run one stage; its output goes to a log file next to its results; fail loudly with the log's tail."""
@@ -48,7 +64,7 @@ def sh(cmd, log, threads=0):
     return time.time() - t0
 
 
-def one_run(a, method, seed, extra=(), name=None):
+def one_run(a, method, seed, extra=(), name=None, model_extra=()):
     """02 -> 04 -> 05 for one (method, seed); returns 05's json plus wall-clock seconds."""
     run_dir = os.path.join(a.results, "runs", name or f"{method}_s{seed}")
     done = os.path.join(run_dir, "05_eval.json")
@@ -60,7 +76,7 @@ def one_run(a, method, seed, extra=(), name=None):
     clus = ["--k", str(a.k), "--super_clusters", str(a.m), "--pca_dim", str(a.pca_dim)] + list(extra)
     t = a.threads
     secs = sh([PY, "02_model.py", "--out_dir", run_dir, "--width", str(a.width), "--image_size", str(a.image_size),
-               "--seed", str(seed)] + a.model_flags, log, t)
+               "--seed", str(seed)] + a.model_flags + list(model_extra), log, t)
     ckpt = os.path.join(run_dir, "02_model_init.pt")
     if METHODS[method] is not None:
         secs += sh([PY, "04_train.py", "--out_dir", run_dir, "--epochs", str(a.epochs), "--reassign", str(a.reassign),
@@ -155,6 +171,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--k_sweep", type=int, nargs="*", default=[8, 40, 160, 1000])
+    p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                   help="one-seed DeeperCluster variants to run as well (e.g. all of: " + " ".join(VARIANTS) + ")")
     p.add_argument("--model_flags", nargs="*", default=[])
     p.add_argument("--train_flags", nargs="*", default=[])
     p.add_argument("--eval_flags", nargs="*", default=[])
@@ -166,14 +184,22 @@ def main():
     a.threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else 0  # 0: torch's own default
     a.results = a.results or os.path.join(ROOT, "results", a.data.split(":")[0])
     os.makedirs(a.results, exist_ok=True)
-    if not a.table_only:
-        json.dump(vars(a), open(os.path.join(a.results, "settings.json"), "w"), indent=1)
+    settings = os.path.join(a.results, "settings.json")
+    if os.path.exists(settings):  # runs of one folder share one budget, or the table would compare unlike runs
+        old = json.load(open(settings))
+        diff = {k: (old.get(k), getattr(a, k)) for k in BUDGET if old.get(k) != getattr(a, k)}
+        if diff:
+            raise SystemExit(f"{a.results} holds runs made with other settings (old, new): {diff}; pass the same "
+                             f"flags, another --results folder, or delete the folder to start over")
+    elif not a.table_only:
+        json.dump({k: getattr(a, k) for k in BUDGET}, open(settings, "w"), indent=1)
     if not a.table_only:
         # Every run is independent: seeds outermost (after the first pass a complete 1-seed table exists), then the k
         # sweep. --jobs N runs N at once with cores/N threads each (small 32-px convs use several threads poorly, so
         # parallel runs finish a sweep sooner; bench/RESULTS.md has the measured ratio).
         tasks = [(m, s, [], f"{m}_s{s}") for s in a.seeds for m in a.methods]
         tasks += [("deepercluster", a.seeds[0], ["--k", str(k)], f"ksweep_k{k}") for k in a.k_sweep if k != a.k]
+        tasks += [("deepercluster", a.seeds[0], VARIANTS[v][1], f"variant_{v}", VARIANTS[v][0]) for v in a.variants]
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             futures = {pool.submit(one_run, a, *t): t for t in tasks}
             for f in as_completed(futures):
@@ -188,7 +214,9 @@ def collect(a):
     def load(name):
         f = os.path.join(a.results, "runs", name, "05_eval.json")
         return json.load(open(f)) if os.path.exists(f) else None
-    rows = {m: [r for r in (load(f"{m}_s{s}") for s in a.seeds) if r] for m in a.methods}
+    runs = os.path.join(a.results, "runs")  # every finished run of the folder, whatever this call was asked to run
+    names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+    rows = {m: [r for r in (load(n) for n in names if n.rsplit("_s", 1)[0] == m) if r] for m in METHODS}
     if any(rows.values()):
         write_table(a, {m: r for m, r in rows.items() if r})
     lines = ["| k (total) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |", "|---|---|---|---|---|---|"]
@@ -202,6 +230,21 @@ def collect(a):
                      f"{100 * r['probe_fc7']:.1f} | {nmi} |")
     if len(lines) > 2:
         open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+    lines = ["| variant (seed 0) | flags | kNN@20 | best conv probe (layer) | conv13 probe | fc7 probe | NMI vs labels |",
+             "|---|---|---|---|---|---|---|"]
+    for v in ["baseline"] + list(VARIANTS):
+        res = load(f"deepercluster_s{a.seeds[0]}" if v == "baseline" else f"variant_{v}")
+        if res is None:
+            continue
+        r = summary(res)
+        flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else VARIANTS[v][0] + VARIANTS[v][1])
+        nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
+        c13 = r["layers"].get("13")
+        lines.append(f"| {v} | `{flags}` | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} ({r['probe_best_layer']}) | "
+                     f"{'–' if c13 is None else f'{100 * c13:.1f}'} | {100 * r['probe_fc7']:.1f} | {nmi} |")
+    if len(lines) > 3:
+        open(os.path.join(a.results, "variants.md"), "w").write("\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
