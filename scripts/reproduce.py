@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -102,6 +103,10 @@ def summary(res):
         {"layers": row.get("probe_layers", {}), "wall_seconds": res.get("wall_seconds", 0.0)}
 
 
+def pct(x):
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
 def mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -173,9 +178,9 @@ def main():
     p.add_argument("--k_sweep", type=int, nargs="*", default=[8, 40, 160, 1000])
     p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                    help="one-seed DeeperCluster variants to run as well (e.g. all of: " + " ".join(VARIANTS) + ")")
-    p.add_argument("--model_flags", nargs="*", default=[])
-    p.add_argument("--train_flags", nargs="*", default=[])
-    p.add_argument("--eval_flags", nargs="*", default=[])
+    for stage in ("model", "train", "eval"):  # one quoted string each, e.g. --train_flags "--crop_min 0.08 --reassign 3"
+        p.add_argument(f"--{stage}_flags", type=shlex.split, default=[],
+                       help=f"extra flags for every run's {dict(model='02_model', train='04_train', eval='05_eval')[stage]}.py")
     p.add_argument("--eval_train_subset", type=int, default=10000, help="labelled images for probes and kNN bank (0 = --subset)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores/jobs threads")
     p.add_argument("--results", default="")
@@ -226,8 +231,7 @@ def collect(a):
             continue
         r = summary(res)
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
-        lines.append(f"| {k} | {k // a.m} | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} | "
-                     f"{100 * r['probe_fc7']:.1f} | {nmi} |")
+        lines.append(f"| {k} | {k // a.m} | {pct(r['knn20'])} | {pct(r['probe_best'])} | {pct(r['probe_fc7'])} | {nmi} |")
     if len(lines) > 2:
         open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
@@ -240,9 +244,8 @@ def collect(a):
         r = summary(res)
         flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else VARIANTS[v][0] + VARIANTS[v][1])
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
-        c13 = r["layers"].get("13")
-        lines.append(f"| {v} | `{flags}` | {100 * r['knn20']:.1f} | {100 * r['probe_best']:.1f} ({r['probe_best_layer']}) | "
-                     f"{'–' if c13 is None else f'{100 * c13:.1f}'} | {100 * r['probe_fc7']:.1f} | {nmi} |")
+        lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
+                     f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} |")
     if len(lines) > 3:
         open(os.path.join(a.results, "variants.md"), "w").write("\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
