@@ -586,9 +586,8 @@ def main(cfg):
     rows = [summary_row(r) for r in results]
     sizes = next(((len(c["y_tr"]), len(c["y_te"])) for c in cache.values() if "y_tr" in c), None)
     table = markdown_table(rows, cfg, spec, sizes)
-    with open(f"{out}/05_eval.md", "w") as fh:
-        fh.write(table)
-    written = [common.save_json({"config": asdict(cfg), "rows": rows, "results": results}, f"{out}/05_eval.json"), fh.name]
+    written = [common.save_json({"config": asdict(cfg), "rows": rows, "results": results}, f"{out}/05_eval.json"),
+               common.save_text(table, f"{out}/05_eval.md")]
     if any(w["probe_layers"] for w in rows):
         plot_layers(rows, f"{out}/05_eval_layers.png")
         written.append(f"{out}/05_eval_layers.png")

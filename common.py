@@ -114,6 +114,13 @@ def save_json(obj, path):
     return _atomic(path, write)
 
 
+def save_text(text, path):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    return _atomic(path, write)
+
+
 def _json_default(o):
     if isinstance(o, (np.integer, np.floating)):
         return o.item()

@@ -51,6 +51,13 @@ VARIANTS = {
 }
 
 
+def write(path, text):
+    """Atomic: a kill leaves the old file or the new one (05_eval.json is also the run's "done" marker)."""
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def sh(cmd, log, threads=0):
     """Run one stage; its output goes to a log file next to its results; fail loudly with the log's tail."""
     t0 = time.time()
@@ -87,7 +94,7 @@ def one_run(a, method, seed, extra=(), name=None, model_extra=()):
                 "--train_subset", str(a.eval_train_subset or a.subset), "--test_subset", str(a.test_subset)] + a.eval_flags, log, t)
     res = json.load(open(done))
     res["wall_seconds"] = secs
-    json.dump(res, open(done, "w"), indent=1)
+    write(done, json.dumps(res, indent=1))
     for f in os.listdir(run_dir):  # keep logs, json and figures; checkpoints are large and reproducible
         if f.endswith(".pt") or f.endswith(".npz"):
             os.remove(os.path.join(run_dir, f))
@@ -129,9 +136,9 @@ def write_table(a, rows):
                      f"{(f'{np.mean(nmi):.3f}') if nmi else '–'} | {np.mean([x['wall_seconds'] for x in s]) / 60:.1f} |")
     lines += ["", "Accuracies in % (mean ± std over seeds); NMI is of the last clustering (or of the labels' own "
               "clusters for supervised) against the true classes, geometric normalisation (PAPER.md Eq. (18))."]
-    open(os.path.join(a.results, "table.md"), "w").write("\n".join(lines) + "\n")
-    json.dump({m: [summary(r) for r in runs] for m, runs in rows.items()},
-              open(os.path.join(a.results, "table.json"), "w"), indent=1)
+    write(os.path.join(a.results, "table.md"), "\n".join(lines) + "\n")
+    write(os.path.join(a.results, "table.json"), json.dumps({m: [summary(r) for r in runs] for m, runs in rows.items()},
+                                                            indent=1))
     plot_layers(a, rows)
     print("\n".join(lines), flush=True)
 
@@ -197,7 +204,7 @@ def main():
             raise SystemExit(f"{a.results} holds runs made with other settings (old, new): {diff}; pass the same "
                              f"flags, another --results folder, or delete the folder to start over")
     elif not a.table_only:
-        json.dump({k: getattr(a, k) for k in BUDGET}, open(settings, "w"), indent=1)
+        write(settings, json.dumps({k: getattr(a, k) for k in BUDGET}, indent=1))
     if not a.table_only:
         # Every run is independent: seeds outermost (after the first pass a complete 1-seed table exists), then the k
         # sweep. --jobs N runs N at once with cores/N threads each (small 32-px convs use several threads poorly, so
@@ -233,7 +240,7 @@ def collect(a):
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {k} | {k // a.m} | {pct(r['knn20'])} | {pct(r['probe_best'])} | {pct(r['probe_fc7'])} | {nmi} |")
     if len(lines) > 2:
-        open(os.path.join(a.results, "k_sweep.md"), "w").write("\n".join(lines) + "\n")
+        write(os.path.join(a.results, "k_sweep.md"), "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
     lines = ["| variant (seed 0) | flags | kNN@20 | best conv probe (layer) | conv13 probe | fc7 probe | NMI vs labels |",
              "|---|---|---|---|---|---|---|"]
@@ -247,7 +254,7 @@ def collect(a):
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
                      f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} |")
     if len(lines) > 3:
-        open(os.path.join(a.results, "variants.md"), "w").write("\n".join(lines) + "\n")
+        write(os.path.join(a.results, "variants.md"), "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
