@@ -81,14 +81,14 @@ def one_run(a, method, seed, extra=(), name=None, model_extra=()):
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "stdout.log")
     data = ["--data", a.data, "--subset", str(a.subset), "--image_size", str(a.image_size), "--seed", str(seed)]
-    clus = ["--k", str(a.k), "--super_clusters", str(a.m), "--pca_dim", str(a.pca_dim)] + list(extra)
+    clus = ["--k", str(a.k), "--super_clusters", str(a.m), "--pca_dim", str(a.pca_dim)]
     t = a.threads
     secs = sh([PY, "02_model.py", "--out_dir", run_dir, "--width", str(a.width), "--image_size", str(a.image_size),
                "--seed", str(seed)] + a.model_flags + list(model_extra), log, t)
     ckpt = os.path.join(run_dir, "02_model_init.pt")
     if METHODS[method] is not None:
         secs += sh([PY, "04_train.py", "--out_dir", run_dir, "--epochs", str(a.epochs), "--reassign", str(a.reassign),
-                    "--batch_size", str(a.batch_size), "--lr", str(a.lr)] + data + clus + METHODS[method] + a.train_flags, log, t)
+                    "--batch_size", str(a.batch_size), "--lr", str(a.lr)] + data + clus + METHODS[method] + a.train_flags + list(extra), log, t)  # last flag wins
         ckpt = os.path.join(run_dir, "04_train_last.pt")
     secs += sh([PY, "05_eval.py", "--out_dir", run_dir, "--ckpt", ckpt, "--layers", "all", "--data", a.data, "--seed", str(seed),
                 "--train_subset", str(a.eval_train_subset or a.subset), "--test_subset", str(a.test_subset)] + a.eval_flags, log, t)
@@ -107,7 +107,12 @@ def summary(res):
     if not any(m in str(row.get("method", "")) for m in ("deepcluster", "deepercluster")):
         row["nmi_labels"] = None  # rotnet / supervised / random have no clusters of their own
     return {k: row.get(k) for k in ("knn20", "knn200", "probe_best", "probe_best_layer", "probe_fc7", "nmi_labels")} | \
-        {"layers": row.get("probe_layers", {}), "wall_seconds": res.get("wall_seconds", 0.0)}
+        {"layers": row.get("probe_layers", {}), "wall_seconds": res.get("wall_seconds")}  # None: killed before timing
+
+
+def minutes(secs):
+    secs = [x for x in secs if x is not None]
+    return f"{np.mean(secs) / 60:.1f}" if secs else "–"
 
 
 def pct(x):
@@ -118,7 +123,7 @@ def mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return "–"
-    return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs):.1f}" if len(xs) > 1 else f"{100 * xs[0]:.1f}"
+    return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs, ddof=1):.1f}" if len(xs) > 1 else f"{100 * xs[0]:.1f}"
 
 
 def write_table(a, rows):
@@ -133,9 +138,10 @@ def write_table(a, rows):
         lines.append(f"| {method} | {len(s)} | {mean_std([x['knn20'] for x in s])} | {mean_std([x['knn200'] for x in s])} | "
                      f"{mean_std([x['probe_best'] for x in s])} ({','.join(best_layers)}) | "
                      f"{mean_std([x['probe_fc7'] for x in s])} | "
-                     f"{(f'{np.mean(nmi):.3f}') if nmi else '–'} | {np.mean([x['wall_seconds'] for x in s]) / 60:.1f} |")
-    lines += ["", "Accuracies in % (mean ± std over seeds); NMI is of the last clustering (or of the labels' own "
-              "clusters for supervised) against the true classes, geometric normalisation (PAPER.md Eq. (18))."]
+                     f"{(f'{np.mean(nmi):.3f}') if nmi else '–'} | {minutes([x['wall_seconds'] for x in s])} |")
+    lines += ["", "Accuracies in % (mean ± sample standard deviation over seeds); NMI is of the last clustering against "
+              "the true classes, geometric normalisation (PAPER.md Eq. (18)); minutes/run: wall clock of the three "
+              "stages, with the other runs of the sweep sharing the cores (--jobs)."]
     write(os.path.join(a.results, "table.md"), "\n".join(lines) + "\n")
     write(os.path.join(a.results, "table.json"), json.dumps({m: [summary(r) for r in runs] for m, runs in rows.items()},
                                                             indent=1))
@@ -181,11 +187,13 @@ def main():
     p.add_argument("--m", type=int, default=4, help="super-clusters (S = 4m for DeeperCluster)")
     p.add_argument("--pca_dim", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--k_sweep", type=int, nargs="*", default=[8, 40, 160, 1000])
     p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                    help="one-seed DeeperCluster variants to run as well (e.g. all of: " + " ".join(VARIANTS) + ")")
-    for stage in ("model", "train", "eval"):  # one quoted string each, e.g. --train_flags "--crop_min 0.08 --reassign 3"
+    # One quoted string each: --train_flags "--crop_min 0.08 --reassign 3"; a single flag needs the = form, because
+    # argparse reads a lone "--x" as an option of its own: --train_flags=--sub_grad_scale
+    for stage in ("model", "train", "eval"):
         p.add_argument(f"--{stage}_flags", type=shlex.split, default=[],
                        help=f"extra flags for every run's {dict(model='02_model', train='04_train', eval='05_eval')[stage]}.py")
     p.add_argument("--eval_train_subset", type=int, default=10000, help="labelled images for probes and kNN bank (0 = --subset)")
@@ -212,12 +220,18 @@ def main():
         tasks = [(m, s, [], f"{m}_s{s}") for s in a.seeds for m in a.methods]
         tasks += [("deepercluster", a.seeds[0], ["--k", str(k)], f"ksweep_k{k}") for k in a.k_sweep if k != a.k]
         tasks += [("deepercluster", a.seeds[0], VARIANTS[v][1], f"variant_{v}", VARIANTS[v][0]) for v in a.variants]
+        tasks = list({t[3]: t for t in tasks}.values())  # one task per run folder (--seeds 0 0 would share one)
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             futures = {pool.submit(one_run, a, *t): t for t in tasks}
-            for f in as_completed(futures):
-                f.result()  # a failed run stops the sweep with its log's tail (the finished runs stay)
-                print(f"== done: {futures[f][3]}", flush=True)
+            try:
+                for f in as_completed(futures):
+                    f.result()  # a failed run stops the sweep with its log's tail (the finished runs stay)
+                    print(f"== done: {futures[f][3]}", flush=True)
+                    collect(a)
+            except BaseException:  # also Ctrl-C: do not start the queued runs (the running ones finish)
+                pool.shutdown(wait=True, cancel_futures=True)
                 collect(a)
+                raise
     collect(a)
 
 
@@ -231,9 +245,16 @@ def collect(a):
     rows = {m: [r for r in (load(n) for n in names if n.rsplit("_s", 1)[0] == m) if r] for m in METHODS}
     if any(rows.values()):
         write_table(a, {m: r for m, r in rows.items() if r})
-    lines = ["| k (total) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |", "|---|---|---|---|---|---|"]
-    for k in a.k_sweep:  # the paper's Figure 1 varies k; one seed (the main table's k is its seed-0 DeeperCluster run)
-        res = load(f"deepercluster_s{a.seeds[0]}" if k == a.k else f"ksweep_k{k}")
+    # One-seed tables: the k sweep and the variants, next to the main table's DeeperCluster run of the same seed (the
+    # seed a sweep run was made with is in its 05_eval.json, so a later call with other --seeds cannot mix them up).
+    sweep = [load(n) for n in names if n.startswith(("ksweep_", "variant_"))]
+    seed = next((r["config"]["seed"] for r in sweep if r), a.seeds[0])
+    lines = [f"| k (total, seed {seed}) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |",
+             "|---|---|---|---|---|---|"]
+    for k in a.k_sweep:  # the paper's Figure 1 varies k
+        res = load(f"deepercluster_s{seed}" if k == a.k else f"ksweep_k{k}")
+        if res is not None and res["config"]["seed"] != seed:
+            raise SystemExit(f"runs/ksweep_k{k} was made with seed {res['config']['seed']}, the others with {seed}")
         if res is None:
             continue
         r = summary(res)
@@ -242,18 +263,20 @@ def collect(a):
     if len(lines) > 2:
         write(os.path.join(a.results, "k_sweep.md"), "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
-    lines = ["| variant (seed 0) | flags | kNN@20 | best conv probe (layer) | conv13 probe | fc7 probe | NMI vs labels |",
+    lines = [f"| variant (seed {seed}) | flags | kNN@20 | best conv probe (layer) | conv13 probe | fc7 probe | NMI vs labels |",
              "|---|---|---|---|---|---|---|"]
     for v in ["baseline"] + list(VARIANTS):
-        res = load(f"deepercluster_s{a.seeds[0]}" if v == "baseline" else f"variant_{v}")
+        res = load(f"deepercluster_s{seed}" if v == "baseline" else f"variant_{v}")
         if res is None:
             continue
+        if res["config"]["seed"] != seed:
+            raise SystemExit(f"runs/variant_{v} was made with seed {res['config']['seed']}, the others with {seed}")
         r = summary(res)
         flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else VARIANTS[v][0] + VARIANTS[v][1])
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
                      f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} |")
-    if len(lines) > 3:
+    if any(line.startswith("| ") and not line.startswith(("| baseline", "| variant")) for line in lines):
         write(os.path.join(a.results, "variants.md"), "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
 

@@ -38,7 +38,7 @@ def test_table_is_the_mean_of_the_runs(sweep):
                 for s in range(len(rows))]
         assert [r["knn20"] for r in rows] == [r["knn20"] for r in runs]
         knn = [r["knn20"] for r in runs]
-        mean = f"{100 * np.mean(knn):.1f} ± {100 * np.std(knn):.1f}" if len(knn) > 1 else f"{100 * knn[0]:.1f}"
+        mean = f"{100 * np.mean(knn):.1f} ± {100 * np.std(knn, ddof=1):.1f}" if len(knn) > 1 else f"{100 * knn[0]:.1f}"
         line = next(l for l in open(results / "table.md") if l.startswith(f"| {method} |"))
         assert mean in line
     assert not list((results / "runs").glob("*/*.pt"))  # checkpoints deleted, logs kept
