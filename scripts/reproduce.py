@@ -142,11 +142,34 @@ def write_table(a, rows):
     lines += ["", "Accuracies in % (mean ± sample standard deviation over seeds); NMI is of the last clustering against "
               "the true classes, geometric normalisation (PAPER.md Eq. (18)); minutes/run: wall clock of the three "
               "stages, with the other runs of the sweep sharing the cores (--jobs)."]
+    lines += paired_table(rows)
     write(os.path.join(a.results, "table.md"), "\n".join(lines) + "\n")
     write(os.path.join(a.results, "table.json"), json.dumps({m: [summary(r) for r in runs] for m, runs in rows.items()},
                                                             indent=1))
     plot_layers(a, rows)
     print("\n".join(lines), flush=True)
+
+
+def paired_table(rows):
+    """Each method minus random init *of the same seed*: the seed also draws the probes' labelled subsets, so a paired
+    difference removes the evaluation's own seed-to-seed spread from the comparison."""
+    if "random" not in rows:
+        return []
+    base = {r["config"]["seed"]: summary(r) for r in rows["random"]}
+    cols = [("kNN@20", lambda x: x["knn20"]), ("best conv probe", lambda x: x["probe_best"]),
+            ("conv13 probe", lambda x: x["layers"].get("13")), ("fc7 probe", lambda x: x["probe_fc7"])]
+    out = ["", "Difference to random init of the same seed, in points (mean ± sample standard deviation over seeds):", "",
+           "| method | seeds | " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for method, runs in rows.items():
+        pairs = [(summary(r), base[r["config"]["seed"]]) for r in runs if method != "random" and r["config"]["seed"] in base]
+        if not pairs:
+            continue
+        cells = []
+        for _, get in cols:
+            d = [100 * (get(x) - get(b)) for x, b in pairs if get(x) is not None and get(b) is not None]
+            cells.append("–" if not d else f"{np.mean(d):+.1f} ± {np.std(d, ddof=1):.1f}" if len(d) > 1 else f"{d[0]:+.1f}")
+        out.append(f"| {method} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return out
 
 
 def plot_layers(a, rows):
