@@ -20,6 +20,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def report(line, write=True):
+    """Print one result line and append it to bench/RESULTS.md (the benchmarks that run whole stages share this)."""
+    print(line)
+    if write:
+        with open(os.path.join(ROOT, "bench", "RESULTS.md"), "a") as fh:
+            fh.write("\n" + line + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--subset", type=int, default=20000)
@@ -42,10 +50,7 @@ def main():
             f"one clustering round {clus:.1f} s (features {c['seconds_features']:.1f} s + PCA and two-level k-means "
             f"{c['seconds_kmeans']:.1f} s) vs one training epoch {epoch:.1f} s ({log[1]['images_per_s']:.0f} images/s): "
             f"ratio **{clus / epoch:.2f}**; with T = 2 clustering adds {100 * clus / (2 * epoch):.0f}% to training time")
-    print(line)
-    if not a.no_write:
-        with open(os.path.join(ROOT, "bench", "RESULTS.md"), "a") as fh:
-            fh.write("\n" + line + "\n")
+    report(line, not a.no_write)
 
 
 if __name__ == "__main__":

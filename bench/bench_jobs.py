@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from bench_cluster_vs_epoch import report  # bench/ is on sys.path when a bench script runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,10 +62,7 @@ def main():
             f"runs (Fashion-MNIST {a.subset} images, {a.epochs} epochs, 1 clustering round each, 32 px, width 1/4): one after "
             f"the other with {cores} threads each {seq:.1f} s, both at once with {max(1, cores // 2)} thread(s) each "
             f"{par:.1f} s: `--jobs 2` finishes a sweep **{seq / par:.2f}x** sooner")
-    print(line)
-    if not a.no_write:
-        with open(os.path.join(ROOT, "bench", "RESULTS.md"), "a") as fh:
-            fh.write("\n" + line + "\n")
+    report(line, not a.no_write)
 
 
 if __name__ == "__main__":

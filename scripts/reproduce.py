@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402  (atomic writes: a kill leaves the old file or the new one; 05_eval.json marks a run done)
 PY = sys.executable
 
 # Each method is a set of flags of the same two scripts (02_model.py, 04_train.py); "random" trains nothing.
@@ -49,13 +51,6 @@ VARIANTS = {
     "T1": ([], ["--reassign", "1"]),  # re-cluster every epoch (DeepCluster's T)
     "no_sobel": (["--no-sobel"], []),  # grey-level input instead of the fixed Sobel filters
 }
-
-
-def write(path, text):
-    """Atomic: a kill leaves the old file or the new one (05_eval.json is also the run's "done" marker)."""
-    with open(path + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def sh(cmd, log, threads=0):
@@ -94,7 +89,7 @@ def one_run(a, method, seed, extra=(), name=None, model_extra=()):
                 "--train_subset", str(a.eval_train_subset or a.subset), "--test_subset", str(a.test_subset)] + a.eval_flags, log, t)
     res = json.load(open(done))
     res["wall_seconds"] = secs
-    write(done, json.dumps(res, indent=1))
+    common.save_text(json.dumps(res, indent=1), done)
     for f in os.listdir(run_dir):  # keep logs, json and figures; checkpoints are large and reproducible
         if f.endswith(".pt") or f.endswith(".npz"):
             os.remove(os.path.join(run_dir, f))
@@ -143,9 +138,9 @@ def write_table(a, rows):
               "the true classes, geometric normalisation (PAPER.md Eq. (18)); minutes/run: wall clock of the three "
               "stages, with the other runs of the sweep sharing the cores (--jobs)."]
     lines += paired_table(rows)
-    write(os.path.join(a.results, "table.md"), "\n".join(lines) + "\n")
-    write(os.path.join(a.results, "table.json"), json.dumps({m: [summary(r) for r in runs] for m, runs in rows.items()},
-                                                            indent=1))
+    common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "table.md"))
+    common.save_text(json.dumps({m: [summary(r) for r in runs] for m, runs in rows.items()}, indent=1),
+                     os.path.join(a.results, "table.json"))
     plot_layers(a, rows)
     print("\n".join(lines), flush=True)
 
@@ -235,7 +230,7 @@ def main():
             raise SystemExit(f"{a.results} holds runs made with other settings (old, new): {diff}; pass the same "
                              f"flags, another --results folder, or delete the folder to start over")
     elif not a.table_only:
-        write(settings, json.dumps({k: getattr(a, k) for k in BUDGET}, indent=1))
+        common.save_text(json.dumps({k: getattr(a, k) for k in BUDGET}, indent=1), settings)
     if not a.table_only:
         # Every run is independent: seeds outermost (after the first pass a complete 1-seed table exists), then the k
         # sweep. --jobs N runs N at once with cores/N threads each (small 32-px convs use several threads poorly, so
@@ -284,7 +279,7 @@ def collect(a):
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {k} | {k // a.m} | {pct(r['knn20'])} | {pct(r['probe_best'])} | {pct(r['probe_fc7'])} | {nmi} |")
     if len(lines) > 2:
-        write(os.path.join(a.results, "k_sweep.md"), "\n".join(lines) + "\n")
+        common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "k_sweep.md"))
         print("\n".join(lines), flush=True)
     lines = [f"| variant (seed {seed}) | flags | kNN@20 | best conv probe (layer) | conv13 probe | fc7 probe | NMI vs labels |",
              "|---|---|---|---|---|---|---|"]
@@ -300,7 +295,7 @@ def collect(a):
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
                      f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} |")
     if any(line.startswith("| ") and not line.startswith(("| baseline", "| variant")) for line in lines):
-        write(os.path.join(a.results, "variants.md"), "\n".join(lines) + "\n")
+        common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "variants.md"))
         print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
