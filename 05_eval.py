@@ -429,6 +429,26 @@ def markdown_table(rows, cfg, spec, sizes=None):
                                f"true classes.\n")
 
 
+def layers_table(rows):
+    """Linear-probe top-1 per layer, one row per checkpoint, then each later checkpoint minus the first one (in the demo:
+    trained minus random init). The "best conv" column above compares different layers (random init often peaks at
+    conv2, trained features deeper); this table shows the gain at every depth, the paper's per-layer view."""
+    w0 = next((w for w in rows if w["probe_layers"]), None)
+    if w0 is None:
+        return ""
+    keys = sorted(w0["probe_layers"], key=lambda l: 99 if l == "fc7" else int(l))
+    names = [k if k == "fc7" else f"conv{k}" for k in keys]
+    lines = ["| checkpoint | " + " | ".join(names) + " |", "|---" * (1 + len(keys)) + "|"]
+    for w in rows:
+        lines.append(f"| {w['checkpoint']} | " + " | ".join(pct(w["probe_layers"].get(k)) for k in keys) + " |")
+    for w in rows:
+        if w is not w0 and w["probe_layers"]:
+            d = [w["probe_layers"].get(k) - w0["probe_layers"][k] if k in w["probe_layers"] else None for k in keys]
+            lines.append(f"| {w['checkpoint']} minus {w0['checkpoint']} | " +
+                         " | ".join("-" if v is None else f"{100 * v:+.1f}" for v in d) + " |")
+    return "\nLinear probe top-1 % per layer:\n\n" + "\n".join(lines) + "\n"
+
+
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
@@ -585,7 +605,7 @@ def main(cfg):
         results.append(r | {"seconds": round(time.time() - t0, 1)})
     rows = [summary_row(r) for r in results]
     sizes = next(((len(c["y_tr"]), len(c["y_te"])) for c in cache.values() if "y_tr" in c), None)
-    table = markdown_table(rows, cfg, spec, sizes)
+    table = markdown_table(rows, cfg, spec, sizes) + layers_table(rows)
     written = [common.save_json({"config": asdict(cfg), "rows": rows, "results": results}, f"{out}/05_eval.json"),
                common.save_text(table, f"{out}/05_eval.md")]
     if any(w["probe_layers"] for w in rows):

@@ -42,7 +42,7 @@ demo: venv data
 	$(VPY) 03_kmeans.py --out_dir $(OUT) $(DEMO_DATA) $(DEMO_CLUST)
 	$(VPY) 04_train.py --out_dir $(OUT) $(DEMO_DATA) $(DEMO_CLUST) $(DEMO_TRAIN)
 	$(VPY) 05_eval.py --out_dir $(OUT) --ckpt $(OUT)/02_model_init.pt,$(OUT)/04_train_last.pt \
-	    --data fashion-mnist --train_subset 10000 --test_subset 2000
+	    --data fashion-mnist --train_subset 10000 --test_subset 0
 
 bench: venv data
 	$(VPY) bench/run_all.py

@@ -221,6 +221,11 @@ def test_stage_subprocess(tmp_path):
     assert "nmi" in res[1]["clusters"] and "clusters" not in res[0]
     table = (out / "05_eval.md").read_text()
     assert "| 02_model_init.pt | random init |" in table and "VOC07 mAP all" in table and table in p.stdout
+    # the per-layer table: one row per checkpoint and the trained-minus-first row, recomputed from the json
+    rows = json.loads((out / "05_eval.json").read_text())["rows"]
+    assert "| checkpoint | conv2 | conv13 | fc7 |" in table
+    diff = [100 * (rows[1]["probe_layers"][k] - rows[0]["probe_layers"][k]) for k in ("2", "13", "fc7")]
+    assert "minus 02_model_init.pt | " + " | ".join(f"{d:+.1f}" for d in diff) + " |" in table
     # a --sobel that disagrees with the checkpoint is refused with exit code 2 (in-process: no second torch start-up)
     with pytest.raises(SystemExit) as e:
         common.run(ev.main, ev.Config, ["--out_dir", str(out), "--sobel", "off", "--layers", "none"])
