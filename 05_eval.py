@@ -429,6 +429,12 @@ def markdown_table(rows, cfg, spec, sizes=None):
                                f"true classes.\n")
 
 
+def layer_keys(probe_layers):
+    """The probed layers of one summary row, shallow to deep ("2", ..., "13", "fc7"), and their display names."""
+    keys = sorted(probe_layers, key=lambda l: 99 if l == "fc7" else int(l))
+    return keys, [k if k == "fc7" else f"conv{k}" for k in keys]
+
+
 def layers_table(rows):
     """Linear-probe top-1 per layer, one row per checkpoint, then each later checkpoint minus the first one (in the demo:
     trained minus random init). The "best conv" column above compares different layers (random init often peaks at
@@ -436,8 +442,7 @@ def layers_table(rows):
     w0 = next((w for w in rows if w["probe_layers"]), None)
     if w0 is None:
         return ""
-    keys = sorted(w0["probe_layers"], key=lambda l: 99 if l == "fc7" else int(l))
-    names = [k if k == "fc7" else f"conv{k}" for k in keys]
+    keys, names = layer_keys(w0["probe_layers"])
     lines = ["| checkpoint | " + " | ".join(names) + " |", "|---" * (1 + len(keys)) + "|"]
     for w in rows:
         lines.append(f"| {w['checkpoint']} | " + " | ".join(pct(w["probe_layers"].get(k)) for k in keys) + " |")
@@ -461,8 +466,8 @@ def plot_layers(rows, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for w in (w for w in rows if w["probe_layers"]):
-        keys = sorted(w["probe_layers"], key=lambda l: 99 if l == "fc7" else int(l))
-        ax.plot([k if k == "fc7" else f"conv{k}" for k in keys], [100 * w["probe_layers"][k] for k in keys], "o-",
+        keys, names = layer_keys(w["probe_layers"])
+        ax.plot(names, [100 * w["probe_layers"][k] for k in keys], "o-",
                 label=f"{w['checkpoint']} ({w['method']})")
     ax.set(ylabel="linear probe top-1 (%)", title="linear probe per layer (PAPER.md §9.1)")
     ax.legend(fontsize=8)
