@@ -419,17 +419,19 @@ def diagnostics(res, labels=None, prev=None):
 
 
 # ---- The whole stage, in-process (04_train.py calls this every T epochs) ----
-def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None):
+def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None, m=None):
     """features -> PCA -> two_level, on every rank; returns two_level's dict (on CPU) + pca_mean, pca_proj, diagnostics.
     groups: the clustering groups of 04_train.py's --layout grouped (cluster_groups), None: level 2 on all ranks.
 
     cfg needs k, super_clusters, pca_dim, niter, seed, batch_size, workers, image_size, kmeans_backend
-    (pca_sample optional). The k-means seed is cfg.seed + epoch when epoch is given.
+    (pca_sample optional). The k-means seed is cfg.seed + epoch when epoch is given. m: the number of
+    super-clusters, default cfg.super_clusters (04_train.py passes 1 for DeepCluster: flat k-means into k).
     """
+    m = cfg.super_clusters if m is None else m
     t0, net = time.time(), getattr(model, "module", model)
     N, d = len(source), int(net.feature_dim)
     n_fit = min(N, getattr(cfg, "pca_sample", 0) or N)
-    check_sizes(N, cfg.k, cfg.super_clusters)  # guard rails before extraction
+    check_sizes(N, cfg.k, m)  # guard rails before extraction
     check_pca(cfg.pca_dim, d, n_fit)
     common.log(f"feature cache: N x d = {N} x {d} float32 = {N * d * 4 / 2 ** 20:.1f} MiB on every rank")
     phi = extract_features(net, data.ClusterDataset(source, cfg.image_size), cfg.batch_size, device, cfg.workers)
@@ -444,7 +446,7 @@ def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None):
     lo, hi = rank * N // world, (rank + 1) * N // world  # DIST: contiguous shards, so rank order = index order
     x = apply_pca(phi[lo:hi], mean, proj).to(device)  # (n_r, D)
     seed = cfg.seed if epoch is None else cfg.seed + epoch
-    res = two_level(x, cfg.k, cfg.super_clusters, cfg.niter, seed, cfg.kmeans_backend, groups)
+    res = two_level(x, cfg.k, m, cfg.niter, seed, cfg.kmeans_backend, groups)
     res["super"] = common.all_gather_cat(res["super"]).cpu()  # DIST: (N,) on every rank
     res["sub"] = common.all_gather_cat(res["sub"]).cpu()
     res["centroids_super"], res["centroids_sub"] = res["centroids_super"].cpu(), res["centroids_sub"].cpu()

@@ -57,7 +57,7 @@ class Config:
     subset: int = 20000  # seeded subset of the source, 0 = all of it (paper: 95.9M images)
     image_size: int = 32  # training and clustering crop in pixels (paper: 224)
     seed: int = 0  # one seed for sampling, augmentation, k-means, head init and dropout
-    method: str = "deepercluster"  # deepercluster | rotnet | deepcluster | supervised (PAPER.md §8)
+    method: str = "deepercluster"  # deepercluster | rotnet | deepcluster | deepcluster-2level | supervised (§8)
     k: int = 160  # sub-classes over all super-clusters (paper: 320000)
     super_clusters: int = 4  # m super-clusters; S = 4m super-classes with rotation (paper: 4, S = 16)
     pca_dim: int = 64  # PCA-whitening dimension D (paper: 4096)
@@ -88,6 +88,9 @@ class Config:
 
 
 # ---- §8 four methods, one loop: the number of super-classes S, sub-classes k_s, rotation on or off ----
+METHODS = ("deepercluster", "rotnet", "deepcluster", "deepcluster-2level", "supervised")
+
+
 def method_setup(cfg, source):
     """-> dict(S, k_s, m, rotate, cluster, super, sub); super/sub (N,): fixed labels of the non-clustering methods."""
     N, zeros = len(source), np.zeros(len(source), np.int64)
@@ -102,9 +105,12 @@ def method_setup(cfg, source):
         labels = np.asarray(source.labels, np.int64)  # (N,)
         n_cls = len(source.classes) if source.classes else int(labels.max()) + 1
         return dict(S=1, k_s=n_cls, m=1, rotate=False, cluster=False, super=zeros, sub=labels)
-    if cfg.method not in ("deepercluster", "deepcluster"):
-        raise UserError(f"--method {cfg.method} is unknown: use deepercluster, rotnet, deepcluster or supervised")
-    m = cfg.super_clusters
+    if cfg.method not in METHODS:
+        raise UserError(f"--method {cfg.method} is unknown: use {', '.join(METHODS)}")
+    # deepcluster is DeepCluster itself (PAPER.md §8): one super-cluster (m = 1, so S = 1 and V is a 1-way head whose
+    # loss is 0), flat k-means into k clusters, one k-way head W_0, no rotation: Eq. (4). deepcluster-2level keeps
+    # the two-level clustering without rotation (S = m super-classes, k/m sub-classes in each).
+    m = 1 if cfg.method == "deepcluster" else cfg.super_clusters
     if m < 1 or cfg.k < m or cfg.k % m:
         raise UserError(f"--k {cfg.k} must be a positive multiple of --super_clusters {m} (k_s = k/m, Eq. (7))")
     if cfg.k > N:
@@ -447,10 +453,11 @@ def head_params(S, k_s, d):
 
 def show_layout(cfg):
     """--show_layout: print the grouped layout for --world_size ranks, and the head memory per rank; no processes."""
-    if cfg.method not in ("deepercluster", "deepcluster", "rotnet"):
-        raise UserError(f"--show_layout knows deepercluster, deepcluster and rotnet (--method {cfg.method}: "
+    if cfg.method not in ("deepercluster", "deepcluster", "deepcluster-2level", "rotnet"):
+        raise UserError(f"--show_layout knows deepercluster, deepcluster(-2level) and rotnet (--method {cfg.method}: "
                         f"supervised has S = 1, a single group, and its k_s needs the data)")
-    rotate, m = cfg.method != "deepcluster", 1 if cfg.method == "rotnet" else cfg.super_clusters
+    rotate = cfg.method not in ("deepcluster", "deepcluster-2level")
+    m = 1 if cfg.method in ("rotnet", "deepcluster") else cfg.super_clusters
     S, k_s = 4 * m if rotate else m, 1 if cfg.method == "rotnet" else cfg.k // m
     if m < 1 or cfg.k % m:
         raise UserError(f"--k {cfg.k} must be a positive multiple of --super_clusters {m} (k_s = k/m, Eq. (7))")
@@ -541,7 +548,8 @@ def start_epoch(ctx, st):
         t0 = time.time()
         prev = None if st["super"] is None else {"super": st["super"], "sub": st["sub"], "k_s": setup["k_s"]}
         res = m03.cluster(ctx.trunk, ctx.source, cfg, ctx.device, prev=prev, epoch=e,  # eval mode, no rotation
-                          groups=getattr(ctx.groups, "cluster", None))  # DIST: grouped: level 2 per super-cluster
+                          groups=getattr(ctx.groups, "cluster", None),  # DIST: grouped: level 2 per u
+                          m=setup["m"])
         ctx.trunk.train()
         if common.is_main():
             m03.save_clustering(res, cfg.out_dir, name=f"03_kmeans_ep{e:03d}")

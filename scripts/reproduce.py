@@ -32,14 +32,41 @@ PY = sys.executable
 METHODS = {
     "random": None,
     "rotnet": ["--method", "rotnet"],
-    "deepcluster": ["--method", "deepcluster"],
+    "deepcluster": ["--method", "deepcluster"],  # PAPER.md §8: S = 1, flat k-means into k, one k-way head
     "deepercluster": ["--method", "deepercluster"],
     "supervised": ["--method", "supervised"],
 }
 
 # The settings every run of a results folder shares (settings.json); seeds, methods, variants and --jobs may differ.
-BUDGET = ["data", "subset", "test_subset", "eval_train_subset", "image_size", "width", "epochs", "reassign",
-          "batch_size", "lr", "k", "m", "pca_dim", "model_flags", "train_flags", "eval_flags"]
+BUDGET = ["data", "subset", "test_subset", "eval_train_subset", "image_size", "width", "epochs", "epoch_size",
+          "reassign", "batch_size", "lr", "k", "m", "pca_dim", "model_flags", "train_flags", "eval_flags"]
+
+# The methods of the N-scaling study (--n_sweep): the three self-supervised ones, trained at a fixed number of
+# images seen (--epochs x --epoch_size) on N distinct images; N = --subset is the main table's own point.
+SCALING = ["rotnet", "deepcluster", "deepercluster"]
+
+
+def what_ran(a, method, flags=()):
+    """One line naming exactly what a method row trained: S, m, k, k_s, T, rotation, V reset (PAPER.md §8).
+    flags: a run's extra 04_train.py flags (the last one wins, as on the command line)."""
+    opt = {"--k": str(a.k), "--super_clusters": str(a.m), "--reassign": str(a.reassign),
+           "--reset_super_head": "auto"}
+    flags = list(a.train_flags) + list(flags)
+    for i, f in enumerate(flags[:-1]):
+        if f in opt:
+            opt[f] = flags[i + 1]
+    k, m, T, reset = int(opt["--k"]), int(opt["--super_clusters"]), opt["--reassign"], opt["--reset_super_head"]
+    if method == "random":
+        return "no training"
+    if method == "rotnet":
+        return "S = 4 rotations, no clustering, V kept"
+    if method == "supervised":
+        return "true labels, 1 head, class-balanced sampling"
+    m = 1 if method == "deepcluster" else m
+    S = 4 * m if method == "deepercluster" else m
+    V = {"auto": "reset" if m > 1 else "kept", "always": "reset", "never": "kept"}[reset]
+    rot = "rotation" if method == "deepercluster" else "no rotation"
+    return f"S = {S}, m = {m}, k = {k}, k_s = {k // m}, T = {T}, {rot}, V {V}"
 
 # One-seed DeeperCluster variants (--variants): which knob matters at small scale (README, Results). Each is
 # (flags for 02_model.py, flags for 04_train.py), added after the main table's own flags, so they override them.
@@ -75,7 +102,8 @@ def one_run(a, method, seed, extra=(), name=None, model_extra=()):
         return json.load(open(done))
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "stdout.log")
-    data = ["--data", a.data, "--subset", str(a.subset), "--image_size", str(a.image_size), "--seed", str(seed)]
+    data = ["--data", a.data, "--subset", str(a.subset), "--image_size", str(a.image_size), "--seed", str(seed),
+            "--epoch_size", str(a.epoch_size)]
     clus = ["--k", str(a.k), "--super_clusters", str(a.m), "--pca_dim", str(a.pca_dim)]
     t = a.threads
     secs = sh([PY, "02_model.py", "--out_dir", run_dir, "--width", str(a.width), "--image_size", str(a.image_size),
@@ -122,16 +150,20 @@ def mean_std(xs):
 
 
 def write_table(a, rows):
-    lines = [f"# Small-scale reproduction on `{a.data}` (subset {a.subset}, {a.image_size} px, width {a.width}, "
-             f"{a.epochs} epochs)", "",
-             "| method | seeds | kNN@20 | kNN@200 | best conv probe (layer) | fc7 probe | NMI vs labels | minutes/run |",
-             "|---|---|---|---|---|---|---|---|"]
+    seen = f"{a.epochs} epochs of {a.epoch_size or a.subset} images" if a.epoch_size else f"{a.epochs} epochs"
+    lines = [f"# Small-scale reproduction on `{a.data}` (N = {a.subset or 'all'}, {a.image_size} px, width "
+             f"{a.width}, {seen})", "",
+             "| method | what ran | seeds | kNN@20 | kNN@200 | best conv probe (layer) | conv13 probe | fc7 probe "
+             "| NMI vs labels | minutes/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, runs in rows.items():
         s = [summary(r) for r in runs]
         best_layers = sorted({str(x["probe_best_layer"]) for x in s})
         nmi = [x["nmi_labels"] for x in s if x["nmi_labels"] is not None]
-        lines.append(f"| {method} | {len(s)} | {mean_std([x['knn20'] for x in s])} | {mean_std([x['knn200'] for x in s])} | "
+        lines.append(f"| {method} | {what_ran(a, method)} | {len(s)} | {mean_std([x['knn20'] for x in s])} | "
+                     f"{mean_std([x['knn200'] for x in s])} | "
                      f"{mean_std([x['probe_best'] for x in s])} ({','.join(best_layers)}) | "
+                     f"{mean_std([x['layers'].get('13') for x in s])} | "
                      f"{mean_std([x['probe_fc7'] for x in s])} | "
                      f"{(f'{np.mean(nmi):.3f}') if nmi else '–'} | {minutes([x['wall_seconds'] for x in s])} |")
     lines += ["", "Accuracies in % (mean ± sample standard deviation over seeds); NMI is of the last clustering against "
@@ -198,6 +230,10 @@ def main():
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epoch_size", type=int, default=0, help="images per epoch (0 = N); fix it for --n_sweep")
+    p.add_argument("--n_sweep", type=int, nargs="*", default=[],
+                   help="other N (distinct training images) for rotnet/deepcluster/deepercluster, seed 0, "
+                        "same images seen; needs --epoch_size")
     p.add_argument("--reassign", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
@@ -219,6 +255,8 @@ def main():
     p.add_argument("--results", default="")
     p.add_argument("--table_only", action="store_true", help="only rebuild table.md / layers.png / k_sweep.md from finished runs")
     a = p.parse_args()
+    if a.n_sweep and not a.epoch_size:
+        p.error("--n_sweep needs --epoch_size, so that every N trains on the same number of images")
     a.threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else 0  # 0: torch's own default
     a.results = a.results or os.path.join(ROOT, "results", a.data.split(":")[0])
     os.makedirs(a.results, exist_ok=True)
@@ -235,7 +273,11 @@ def main():
         # Every run is independent: seeds outermost (after the first pass a complete 1-seed table exists), then the k
         # sweep. --jobs N runs N at once with cores/N threads each (small 32-px convs use several threads poorly, so
         # parallel runs finish a sweep sooner; bench/RESULTS.md has the measured ratio).
-        tasks = [(m, s, [], f"{m}_s{s}") for s in a.seeds for m in a.methods]
+        # Order: one seed of every method, then the N-scaling runs, then the other seeds, then one-knob runs.
+        first = [(m, a.seeds[0], [], f"{m}_s{a.seeds[0]}") for m in a.methods]
+        scaling = [(m, a.seeds[0], ["--subset", str(n)], f"nsweep_{m}_n{n}") for n in a.n_sweep
+                   for m in SCALING if n != a.subset]
+        tasks = first + scaling + [(m, s, [], f"{m}_s{s}") for s in a.seeds[1:] for m in a.methods]
         tasks += [("deepercluster", a.seeds[0], ["--k", str(k)], f"ksweep_k{k}") for k in a.k_sweep if k != a.k]
         tasks += [("deepercluster", a.seeds[0], VARIANTS[v][1], f"variant_{v}", VARIANTS[v][0]) for v in a.variants]
         tasks = list({t[3]: t for t in tasks}.values())  # one task per run folder (--seeds 0 0 would share one)
@@ -253,6 +295,54 @@ def main():
     collect(a)
 
 
+def scaling_table(a, load, names):
+    """n_scaling.md / n_scaling.png: probe and kNN accuracy against N at a fixed number of images seen (the paper's
+    question: does DeeperCluster keep gaining from more distinct images where RotNet and DeepCluster saturate?)."""
+    seed = a.seeds[0]
+    pts = {}  # method -> [(N, summary)]
+    for m in SCALING:
+        for n in names:
+            if n.startswith(f"nsweep_{m}_n"):
+                res = load(n)
+                if res:
+                    pts.setdefault(m, []).append((int(n.rsplit("_n", 1)[1]), summary(res)))
+        main = load(f"{m}_s{seed}")
+        if main and m in pts and a.subset:
+            pts[m].append((a.subset, summary(main)))
+    if not pts:
+        return
+    cols = [("best conv probe", lambda x: x["probe_best"]), ("conv13 probe", lambda x: x["layers"].get("13")),
+            ("fc7 probe", lambda x: x["probe_fc7"]), ("kNN@20", lambda x: x["knn20"])]
+    lines = [f"# Accuracy against N distinct training images, {a.epochs} x {a.epoch_size} images seen, seed {seed}",
+             "", "| method | N | " + " | ".join(c for c, _ in cols) + " | NMI vs labels |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for m, rows in pts.items():
+        for n, r in sorted(rows, key=lambda t: t[0]):
+            nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
+            lines.append(f"| {m} | {n} | " + " | ".join(pct(get(r)) for _, get in cols) + f" | {nmi} |")
+    common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "n_scaling.md"))
+    print("\n".join(lines), flush=True)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.4))
+    for ax, (title, get) in zip(axes, cols):
+        for m, rows in pts.items():
+            xy = sorted((n, get(r)) for n, r in rows if get(r) is not None)
+            if xy:
+                ax.plot([n for n, _ in xy], [100 * v for _, v in xy], "o-", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("N distinct training images")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{a.data}: same images seen ({a.epochs} x {a.epoch_size}), more distinct images", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.results, "n_scaling.png"), dpi=110)
+    plt.close(fig)
+
+
 def collect(a):
     """table.md / layers.png / k_sweep.md from the runs finished so far (each run's 05_eval.json)."""
     def load(name):
@@ -263,6 +353,7 @@ def collect(a):
     rows = {m: [r for r in (load(n) for n in names if n.rsplit("_s", 1)[0] == m) if r] for m in METHODS}
     if any(rows.values()):
         write_table(a, {m: r for m, r in rows.items() if r})
+    scaling_table(a, load, names)
     # One-seed tables: the k sweep and the variants, next to the main table's DeeperCluster run of the same seed (the
     # seed a sweep run was made with is in its 05_eval.json, so a later call with other --seeds cannot mix them up).
     sweep = [load(n) for n in names if n.startswith(("ksweep_", "variant_"))]

@@ -56,7 +56,8 @@ def source(n=120, labels=True):
 
 
 @pytest.mark.parametrize("method,S,k_s,rotate", [("deepercluster", 8, 8, True), ("rotnet", 4, 1, True),
-                                                 ("deepcluster", 2, 8, False), ("supervised", 1, 6, False)])
+                                                 ("deepcluster", 1, 16, False), ("deepcluster-2level", 2, 8, False),
+                                                 ("supervised", 1, 6, False)])
 def test_methods_and_round_trip(method, S, k_s, rotate):
     cfg = t4.Config(method=method, k=16, super_clusters=2)
     st = t4.method_setup(cfg, source())
@@ -272,3 +273,23 @@ def test_incompatible_checkpoint_refused(runs):
     assert ck is None  # --force: start afresh from the init checkpoint
     trunk, ck = t4.load_start(dataclasses.replace(cfg, k=16, method="deepercluster"), last)
     assert ck["epoch"] == 2  # the compatible one resumes
+
+
+def test_deepcluster_is_flat_kmeans_and_one_k_way_head(runs):
+    """--method deepcluster is DeepCluster (PAPER.md §8): S = 1 (one 1-way V), one k-way head W_0, no rotation, and
+    its labels are flat k-means into k clusters, whatever --super_clusters says."""
+    m03 = importlib.import_module("03_kmeans")
+    out = runs.base / "dc"
+    p = train(out, "--init", str(runs.init), "--method", "deepcluster", "--epochs", "1")  # --super_clusters 2 ignored
+    assert p.returncode == 0, p.stderr
+    ck = load(out / "04_train_last.pt")
+    assert ck["heads"]["W"].shape[:2] == (1, 16) and ck["heads"]["V.weight"].shape[0] == 1
+    assert not ck["super"].any() and int(ck["sub"].max()) < 16  # one super-cluster, k = 16 clusters
+    line = json.loads((out / "04_train_log.jsonl").read_text().splitlines()[0])
+    assert line["loss_super"] == 0 and line["acc_super"] == 1  # a 1-way V: Eq. (8) reduces to Eq. (4)
+    assert np.load(out / "03_kmeans_ep000.npz")["centroids_sub"].shape == (1, 16, 16)  # (m, k_s, D)
+    # two_level with m = 1 is one flat k-means (seed + 1: 03's seed for super-cluster 0), no level 1.
+    flat = torch.randn(200, 8)
+    ref = m03.kmeans(flat, 16, 10, seed=4, backend="torch")[1]
+    two = m03.two_level(flat, 16, 1, 10, seed=3, backend="torch")
+    assert torch.equal(two["sub"], ref) and not two["super"].any()
