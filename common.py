@@ -1,31 +1,42 @@
-"""Shared plumbing for the numbered stages: config flags, user errors, atomic checkpoint I/O, device and
-distributed setup. Nothing from the paper lives here (STYLE.md §1): the method is in 01_data.py ... 05_eval.py.
+"""Shared plumbing for the numbered stages: config flags, user errors, atomic checkpoint I/O, device
+and distributed setup. Nothing from the paper lives here (STYLE.md §1): the method is in 01_data.py
+... 05_eval.py.
 
-Every distributed helper is a no-op in a single process, so the stage code calls them unconditionally.
+Every distributed helper is a no-op in a single process, so the stage code calls them
+unconditionally.
 """
 import argparse
 import dataclasses
 import inspect
 import json
 import os
+import random
 import re
+import signal
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 FORMAT, VERSION = "deepercluster-edu", 1
 
 
 # ---- user errors: one clear line and exit code 2, no traceback ----
 class UserError(Exception):
-    """Bad input from the user (a path, a flag value). The message says what is wrong and what to do."""
+    """Bad input from the user (a path, a flag value). The message says what is wrong and what to
+    do."""
 
 
 def run(main, config_cls, argv=None):
-    """`if __name__ == "__main__": common.run(main, Config)`: parse flags, run, turn UserError into exit 2."""
+    """`if __name__ == "__main__": common.run(main, Config)`: parse flags, run, turn UserError
+    into exit 2."""
     try:
         main(parse_config(config_cls, argv))
     except UserError as e:
@@ -33,7 +44,8 @@ def run(main, config_cls, argv=None):
         sys.exit(2)
 
 
-# ---- config: a frozen dataclass -> argparse flags; help text from the field's trailing comment ----
+# ---- config: a frozen dataclass -> argparse flags ----
+# (help text from the field's trailing comment)
 def _field_comments(cls):
     comments = {}
     try:
@@ -49,11 +61,13 @@ def _field_comments(cls):
 
 def parse_config(cls, argv=None):
     helps = _field_comments(cls)
-    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
     for f in dataclasses.fields(cls):
         h = f"{helps.get(f.name, '')} [default: {f.default}]"
         if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=h)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                           default=f.default, help=h)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(f"--{f.name}", type=typ, default=f.default, help=h)
@@ -69,7 +83,15 @@ def _atomic(path, write):
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; a result file should read like any other file
     try:
         write(tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())  # the bytes reach the disk before the rename makes them the file
+        # atomic on POSIX: readers see the old file or the new one, never half of one
+        os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # and the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -78,32 +100,38 @@ def _atomic(path, write):
 
 
 def save_ckpt(obj, path):
-    """Save a flat dict of tensors / numbers / strings / lists / dicts, readable with weights_only=True."""
+    """Save a flat dict of tensors / numbers / strings / lists / dicts, readable with
+    weights_only=True."""
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def ckpt_header(stage, config):
     return {"format": FORMAT, "version": VERSION, "stage": stage,
-            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)}
+            "config": (dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+                       else dict(config))}
 
 
 def load_ckpt(path, stage=None, hint=""):
-    """Load one of our checkpoints and check format, version and (when given) stage, with actionable errors."""
+    """Load one of our checkpoints and check format, version and (when given) stage, with
+    actionable errors."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist{': ' + hint if hint else ''}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); "
+        raise UserError(f"{path} is not a readable checkpoint "
+                        f"({type(e).__name__}: {str(e)[:120]}); "
                         f"delete it and re-run the stage that writes it") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} checkpoint (no 'format' key); "
-                        f"for an official DeeperCluster checkpoint use 02_model.load_official")
+                        f"02_model.load_trunk also reads official DeeperCluster checkpoints")
     if ck.get("version") != VERSION:
-        raise UserError(f"{path} has format version {ck.get('version')}, this code reads version {VERSION}")
+        raise UserError(f"{path} has format version {ck.get('version')}, "
+                        f"this code reads version {VERSION}")
     stages = (stage,) if isinstance(stage, str) else stage
     if stages and ck.get("stage") not in stages:
-        raise UserError(f"{path} was written by stage {ck.get('stage')}, expected {' or '.join(stages)}")
+        raise UserError(f"{path} was written by stage {ck.get('stage')}, "
+                        f"expected {' or '.join(stages)}")
     return ck
 
 
@@ -131,7 +159,8 @@ def _json_default(o):
 
 def save_npz(path, **arrays):
     def write(tmp):
-        with open(tmp, "wb") as fh:  # a file handle, so numpy does not append '.npz' to the temp name
+        # a file handle, so numpy does not append '.npz' to the temp name
+        with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
     return _atomic(path, write)
 
@@ -148,7 +177,8 @@ def pick_device(name="auto", local_rank=0):
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device auto or cpu")
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; "
+                        f"use --device auto or cpu")
     return torch.device(name)
 
 
@@ -185,7 +215,8 @@ def barrier():
 def all_reduce_sum(t, group=None):
     """In-place sum over ranks (of `group`); returns t. No-op in one process."""
     if dist.is_initialized():
-        c = t.contiguous()  # gloo silently scrambles non-contiguous tensors (e.g. eigh's column-major output)
+        # gloo silently scrambles non-contiguous tensors (e.g. eigh's column-major output)
+        c = t.contiguous()
         dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
         if c.data_ptr() != t.data_ptr():
             t.copy_(c)
@@ -193,7 +224,8 @@ def all_reduce_sum(t, group=None):
 
 
 def broadcast(t, src=0):
-    """Rank src's value of t on every rank, in place (contiguous copy first, as for all_reduce_sum)."""
+    """Rank src's value of t on every rank, in place (contiguous copy first, as for
+    all_reduce_sum)."""
     if dist.is_initialized():
         c = t.contiguous()
         dist.broadcast(c, src)
@@ -203,7 +235,8 @@ def broadcast(t, src=0):
 
 
 def all_gather_cat(t, group=None):
-    """Concatenate along dim 0 the tensors of all ranks (of `group`, in rank order); shapes may differ in dim 0."""
+    """Concatenate along dim 0 the tensors of all ranks (of `group`, in rank order); shapes may
+    differ in dim 0."""
     if not dist.is_initialized():
         return t
     n = torch.tensor([t.shape[0]], device=t.device)
@@ -211,7 +244,8 @@ def all_gather_cat(t, group=None):
     dist.all_gather(sizes, n, group=group)
     mx = int(max(s.item() for s in sizes))
     pad = torch.zeros((mx - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    parts = [torch.empty((mx,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes]
+    parts = [torch.empty((mx,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+             for _ in sizes]
     dist.all_gather(parts, torch.cat([t, pad]), group=group)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
@@ -220,3 +254,183 @@ def log(*args, **kw):
     """print on rank 0 only, flushed (logs interleave with tqdm bars and subprocess pipes)."""
     if is_main():
         print(*args, **kw, flush=True)
+
+
+# ---- flag checks: one line naming every bad value ----
+def check_ranges(cfg, at_least_1=(), at_least_0=()):
+    """One UserError listing every numeric flag out of range (NaN included), before any work."""
+    bad = [f"--{f} {getattr(cfg, f)}" for f in at_least_1 if not getattr(cfg, f) >= 1]
+    bad += [f"--{f} {getattr(cfg, f)}" for f in at_least_0 if not getattr(cfg, f) >= 0]
+    if bad:
+        raise UserError(f"{', '.join(bad)}: counts must be >= 1, sizes and rates >= 0 "
+                        f"(0 = off or all)")
+
+
+# ---- checkpoint compatibility: which settings must match for a resume ----
+def config_diff(old, cfg, keys):
+    """The settings in `keys` where a checkpoint's config dict `old` differs from dataclass `cfg`,
+    readable."""
+    return [f"--{k} {old.get(k)!r} there vs {getattr(cfg, k)!r} now"
+            for k in keys if old.get(k) != getattr(cfg, k)]
+
+
+def all_finite(modules):
+    """True when every parameter and buffer of the modules is finite: a checkpoint never holds
+    diverged weights."""
+    tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers())
+               if t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def healthy(modules, net=None, x=None):
+    """Finite parameters and buffers, and (given net and a batch x) a finite forward pass on a few
+    samples: weights of 1e37 are finite but have diverged, so a checkpoint of them would be useless.
+    Eval mode (no dropout draw, no BN statistics update). Under torchrun: True only if on all
+    ranks."""
+    ok = all_finite(modules)
+    if ok and net is not None and x is not None:
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            ok = bool(torch.isfinite(net(x[:8])).all())
+        net.train(was_training)
+    bad = torch.tensor([float(not ok)], device=x.device if x is not None else "cpu")
+    return float(all_reduce_sum(bad)) == 0
+
+
+# ---- RNG state capture ----
+# (dropout masks come from the global torch RNG; everything else has its own generator)
+def rng_states(device):
+    """Every rank's global RNG state, gathered (a collective under torchrun): torch CPU (+ CUDA) as
+    (world, 5056) uint8 rows, NumPy and Python for completeness."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    np_state = np.random.get_state()
+    rows = {k: all_gather_cat(v[None].to(device)).cpu() for k, v in mine.items()}
+    return rows | {"numpy": ([np_state[0], torch.from_numpy(np_state[1].astype(np.int64))]
+                             + list(np_state[2:])),
+                   "python": random.getstate()}
+
+
+def set_rng_states(rng, rank, device):
+    """Restore rank's row (rank 0's when the checkpoint came from fewer ranks)."""
+    def row(t):
+        # clone: set_rng_state crashes (SIGSEGV) on a row view
+        return t[rank if rank < len(t) else 0].clone()
+    torch.set_rng_state(row(rng["torch"]))
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(row(rng["cuda"]), device)
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32),
+                         *rng["numpy"][2:]))
+    random.setstate(rng["python"])
+
+
+# ---- stopping cleanly: Ctrl-C (SIGINT) and a scheduler's SIGTERM set a flag ----
+# (the loop saves and exits)
+class StopFlag:
+    """Installs SIGINT/SIGTERM handlers that only set a flag, so a signal can never land between
+    an SGD step and the bookkeeping of its iteration. poll() is checked between iterations; under
+    torchrun it is a collective (MAX over ranks), so every rank stops at the same iteration and the
+    checkpoint can gather all of them. poll() also says when `every_s` seconds have passed since
+    the last save (decided on rank 0's clock, the same for all ranks)."""
+
+    def __init__(self, every_s=0.0):
+        self.signal, self.every_s, self.last_save = 0, every_s, time.time()
+        self.old = {sig: signal.signal(sig, self._handler)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handler(self, signum, frame):
+        if self.signal:  # a second Ctrl-C: quit at once, without saving
+            raise KeyboardInterrupt
+        self.signal = signum
+        log(f"\nsignal {signum}: saving at the next iteration boundary "
+            f"(again to quit without saving)")
+
+    def close(self):
+        """Put the previous handlers back."""
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def poll(self, device):
+        """-> (stop, save_due), the same on every rank."""
+        due = bool(self.every_s) and time.time() - self.last_save >= self.every_s and is_main()
+        flags = torch.tensor([float(self.signal > 0), float(due)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def saved(self):
+        self.last_save = time.time()
+
+
+# ---- DIST: batch norm over the global batch, and the DDP wrap ----
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with training statistics over the global batch of all ranks (PAPER.md §7), for
+    CPU/gloo where torch.nn.SyncBatchNorm refuses to run. Each rank computes centred statistics
+    (count n_r, mean m_r, M2_r = sum (x - m_r)^2); two differentiable all-reduces combine them:
+    mean = sum n_r m_r / n, M2 = sum M2_r + n_r (m_r - mean)^2. One-pass E[x^2] - mean^2 would
+    lose every digit when |mean| >> std (float32)."""
+
+    def _check_input_dim(self, x):
+        pass  # (N, C), (N, C, L) and (N, C, H, W) all work
+
+    def forward(self, x):
+        if not self.training:  # eval: running statistics, nothing to synchronise
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        C = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()
+        n_r = torch.tensor([x.numel() / C], dtype=torch.float32, device=x.device)
+        m_r = xf.mean(dims)  # (C,) this rank's mean
+        shape = [1, C] + [1] * (x.dim() - 2)
+        M2_r = ((xf - m_r.view(shape)) ** 2).sum(dims)  # (C,) centred on this rank's mean
+        first = dist_nn.all_reduce(torch.cat([n_r * m_r, n_r]))  # (C + 1,) summed over ranks
+        n = first[-1]
+        mean = first[:C] / n
+        # (C,) biased: normalises the batch
+        var = dist_nn.all_reduce(M2_r + n_r * (m_r - mean) ** 2) / n
+        # running statistics exactly like nn.BatchNorm: momentum 0.1, unbiased variance
+        with torch.no_grad():
+            self.running_mean.copy_(self.momentum * mean
+                                    + (1 - self.momentum) * self.running_mean)
+            self.running_var.copy_(self.momentum * var * n / (n - 1)
+                                   + (1 - self.momentum) * self.running_var)
+            self.num_batches_tracked += 1
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
+def convert_sync_bn(module):
+    """Swap every BatchNorm1d/2d inside `module` for SyncBatchNorm, sharing its parameters and
+    buffers."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            new = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, True)
+            new.train(child.training)
+            new.weight, new.bias = child.weight, child.bias
+            new.running_mean, new.running_var = child.running_mean, child.running_var
+            new.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, new)
+        else:
+            convert_sync_bn(child)
+    return module
+
+
+def sync_bn(net, device):
+    """Batch norm synced over all ranks: torch's SyncBatchNorm on GPU, ours on CPU. Identity in
+    one process."""
+    if world_size() == 1:
+        return net
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return convert_sync_bn(net)
+
+
+def wrap_ddp(net, device):
+    """Under torchrun: synced batch norm, then DDP (gradients averaged over ranks). Identity in one
+    process."""
+    if world_size() == 1:
+        return net
+    return DDP(sync_bn(net, device), device_ids=[device] if device.type == "cuda" else None)

@@ -50,7 +50,7 @@ def main():
     centers = rng.normal(size=(a.k, a.d))
     x = (centers[rng.integers(0, a.k, size=a.n)] + a.noise * rng.normal(size=(a.n, a.d))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    init = x[km.init_indices(a.n, a.k, np.random.default_rng(a.seed))]  # the points our kmeans starts from
+    init = x[np.random.default_rng(a.seed).choice(a.n, size=a.k, replace=False)]  # our kmeans's first draw
     rows = []
 
     def timed(name, fn):

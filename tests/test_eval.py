@@ -1,6 +1,8 @@
-"""Stage 05 tests: oracle checks of AP (scikit-learn), kNN (NumPy brute force), Bottou's lr and the probe pooling table
-(by hand / PAPER.md §9.1), the linear probe on separable and random labels, VOC parsing on a tree written here, loading
-the official layout, and a subprocess run of the whole stage on tiny synthetic data."""
+"""Stage 05 tests (05_eval.py and its report.py): oracle checks of AP (scikit-learn), kNN (NumPy
+brute force), Bottou's lr and the probe pooling table (by hand / PAPER.md §9.1), the linear probe on
+separable and random labels, VOC parsing on a tree written here, loading the official layout, the
+summary rows and tables by hand, and a subprocess run of the whole stage on tiny synthetic data.
+Bad flags: tests/test_eval_flags.py."""
 import importlib
 import json
 import os
@@ -14,6 +16,7 @@ from sklearn.metrics import average_precision_score, normalized_mutual_info_scor
 
 common = importlib.import_module("common")
 ev = importlib.import_module("05_eval")
+report = importlib.import_module("report")  # report.py: 05's inputs and outputs
 model_lib = importlib.import_module("02_model")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +61,7 @@ def write_voc(root, splits=("trainval", "test"), n=6, size=40):
         t[0], t[1] = 1, -1  # every class has a positive and a negative image
         for i in ids:
             Image.fromarray(rng.integers(0, 255, (size, size + 7, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
-        for c, name in enumerate(ev.VOC_CLASSES):
+        for c, name in enumerate(report.VOC_CLASSES):
             (root / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text(
                 "".join(f"{i} {t[j, c]:2d}\n" for j, i in enumerate(ids)))
         truth[split] = (ids, t)
@@ -67,13 +70,13 @@ def write_voc(root, splits=("trainval", "test"), n=6, size=40):
 
 def test_parse_voc(tmp_path):
     truth = write_voc(tmp_path)
-    ids, targets = ev.parse_voc(str(tmp_path), "trainval")
+    ids, targets = report.parse_voc(str(tmp_path), "trainval")
     assert ids == truth["trainval"][0] and targets.shape == (6, 20) and targets.dtype == np.int64
     t = truth["trainval"][1]
     assert ((targets == 1) == (t == 1)).all() and ((targets == 0) == (t == -1)).all() and ((targets == -1) == (t == 0)).all()
     assert (targets == -1).any()  # some difficult labels were written
     with pytest.raises(common.UserError, match="ImageSets/Main/aeroplane_val.txt"):
-        ev.parse_voc(str(tmp_path), "val")
+        report.parse_voc(str(tmp_path), "val")
 
 
 # ---- §9.1 pooling table, Bottou's lr, the probe ----
@@ -169,23 +172,47 @@ def test_load_official_layout_and_sobel_check(tmp_path):
     sd |= {"module.sobel." + k.split(".", 1)[1]: v for k, v in m.state_dict().items() if k.startswith("sobel_layer.")}
     sd |= {"module.pred_layer.weight": torch.zeros(10, m.feature_dim)}
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "official.pth")
-    loaded, meta = ev.load_checkpoint(str(tmp_path / "official.pth"), "auto")
+    loaded, meta = report.load_checkpoint(str(tmp_path / "official.pth"), "auto")
     assert meta["method"] == "official" and loaded.sobel and meta["super"] is None
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), m.eval()(x))
-    assert ev.load_checkpoint(str(tmp_path / "official.pth"), "on")[0].sobel
+    assert report.load_checkpoint(str(tmp_path / "official.pth"), "on")[0].sobel
     with pytest.raises(common.UserError, match="sobel"):  # PAPER.md §11 pitfall 7: the checkpoint's arch decides
-        ev.load_checkpoint(str(tmp_path / "official.pth"), "off")
+        report.load_checkpoint(str(tmp_path / "official.pth"), "off")
     with pytest.raises(common.UserError, match="run 04_train.py first"):
-        ev.load_checkpoint(str(tmp_path / "04_train_last.pt"), "auto")
+        report.load_checkpoint(str(tmp_path / "04_train_last.pt"), "auto")
 
 
 def test_parse_layers():
-    assert ev.parse_layers("best") == [2, 4, 7, 10, 13, "fc7"]
-    assert ev.parse_layers("all") == list(range(1, 14)) + ["fc7"]
-    assert ev.parse_layers("3, fc7") == [3, "fc7"] and ev.parse_layers("none") == []
+    assert report.parse_layers("best") == [2, 4, 7, 10, 13, "fc7"]
+    assert report.parse_layers("all") == list(range(1, 14)) + ["fc7"]
+    assert report.parse_layers("3, fc7") == [3, "fc7"] and report.parse_layers("none") == []
     with pytest.raises(common.UserError, match="--layers"):
-        ev.parse_layers("14")
+        report.parse_layers("14")
+
+
+# ---- report.py: the rows scripts/reproduce.py reads, the two tables ----
+def test_summary_rows_and_tables_by_hand():
+    accs = lambda d: {layer: {"acc": a} for layer, a in d.items()}
+    results = [{"name": "a.pt", "method": "random init", "knn": {"20": 0.3, "200": 0.1},
+                "probe": accs({"2": 0.5, "13": 0.25, "fc7": 0.2})},
+               {"name": "b.pt", "method": "deepercluster", "knn": {"20": 0.4},
+                "probe": accs({"2": 0.6, "13": 0.75, "fc7": 0.7}),
+                "clusters": {"nmi": 0.5, "ari": 0.25}, "voc": {"all": {"map": 0.125}}}]
+    rows = [report.summary_row(r) for r in results]
+    read_by_reproduce = {"method", "knn20", "knn200", "probe_best", "probe_best_layer", "probe_fc7",
+                         "nmi_labels", "probe_layers"}
+    assert all(read_by_reproduce <= set(w) for w in rows)
+    assert (rows[0]["probe_best"], rows[0]["probe_best_layer"], rows[0]["probe_fc7"]) == (0.5, "2", 0.2)
+    assert (rows[1]["probe_best"], rows[1]["probe_best_layer"]) == (0.75, "13")  # convs only
+    assert rows[1]["knn200"] is None and rows[1]["voc_map"] == {"all": 0.125}
+    text = report.results_tables(rows, ev.Config(), "synthetic", (100, 50))
+    assert "| checkpoint | method | conv2 | conv13 | fc7 | best conv |" in text
+    assert "| a.pt | random init | 50.0 | 25.0 | 20.0 | 50.0 (conv2) |" in text
+    assert "| b.pt minus a.pt | - | +10.0 | +50.0 | +50.0 | +25.0 |" in text  # b - a, per column
+    assert "| a.pt | random init | 30.0 | 10.0 | - | - | - |" in text  # no clusters, no VOC
+    assert "| b.pt | deepercluster | 40.0 | - | 0.500 | 0.250 | 12.5 |" in text
+    assert "VOC07 mAP all |" in text and "VOC07 mAP fc6-8" not in text
 
 
 # ---- the whole stage, as a subprocess ----
@@ -202,15 +229,14 @@ def test_stage_subprocess(tmp_path):
     ck |= {"stage": "04_train", "method": "deepercluster", "epoch": 1, "super": torch.arange(n) % 2,
            "sub": (torch.arange(n) // 2) % 4, "config": dict(ck["config"], data="synthetic", subset=n, seed=0)}
     common.save_ckpt(ck, out / "04_train_last.pt")
-    (out / "04_train_log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 3.0 - e, "acc_joint": 0.1 * e,
-                                                                   "nmi_labels": 0.05 * e}) + "\n" for e in range(3)))
     voc = tmp_path / "VOC2007"
     write_voc(voc, n=4, size=36)
     p = run("05_eval.py", "--out_dir", str(out), "--data", "synthetic", "--layers", "2,13,fc7", "--train_subset", "160",
             "--test_subset", "60", "--probe_epochs", "2", "--clusters_grid", "2", "--voc", f"voc2007:{voc}",
-            "--voc_mode", "both", "--voc_iters", "3", "--voc_batch", "4", "--voc_crops", "2", "--knn_k", "5,20")
+            "--voc_mode", "both", "--voc_iters", "3", "--voc_batch", "4", "--voc_crops", "2", "--knn_k", "5,20",
+            "--voc_stepsize_all", "2")
     assert p.returncode == 0, p.stderr
-    for f in ("05_eval.json", "05_eval.md", "05_eval_layers.png", "05_eval_clusters.png", "04_train_curves.png"):
+    for f in ("05_eval.json", "05_eval.md", "05_eval_layers.png", "05_eval_clusters.png"):
         assert (out / f).exists(), f
     res = json.loads((out / "05_eval.json").read_text())["results"]
     assert [r["method"] for r in res] == ["random init", "deepercluster (epoch 1)"]
@@ -218,14 +244,23 @@ def test_stage_subprocess(tmp_path):
         assert set(r["probe"]) == {"2", "13", "fc7"} and all(0 <= v["acc"] <= 1 for v in r["probe"].values())
         assert set(r["knn"]) >= {"5", "20"} and set(r["voc"]) == {"fc6-8", "all"}
         assert all(0 <= r["voc"][m]["map"] <= 1 for m in r["voc"])
+        # --voc_mode both: each mode with its own settings (PAPER.md §9.2: wd 1e-5 / 1e-4)
+        assert (r["voc"]["fc6-8"]["wd"], r["voc"]["fc6-8"]["stepsize"]) == (1e-5, 40)
+        assert (r["voc"]["all"]["wd"], r["voc"]["all"]["stepsize"]) == (1e-4, 2)
     assert "nmi" in res[1]["clusters"] and "clusters" not in res[0]
     table = (out / "05_eval.md").read_text()
     assert "| 02_model_init.pt | random init |" in table and "VOC07 mAP all" in table and table in p.stdout
     # the per-layer table: one row per checkpoint and the trained-minus-first row, recomputed from the json
     rows = json.loads((out / "05_eval.json").read_text())["rows"]
-    assert "| checkpoint | conv2 | conv13 | fc7 |" in table
+    assert "| checkpoint | method | conv2 | conv13 | fc7 | best conv |" in table
+    best = rows[0]["probe_best_layer"]  # the last column: the best probed conv and its layer
+    assert f"| {100 * rows[0]['probe_layers'][best]:.1f} (conv{best}) |" in table
     diff = [100 * (rows[1]["probe_layers"][k] - rows[0]["probe_layers"][k]) for k in ("2", "13", "fc7")]
-    assert "minus 02_model_init.pt | " + " | ".join(f"{d:+.1f}" for d in diff) + " |" in table
+    diff.append(100 * (rows[1]["probe_best"] - rows[0]["probe_best"]))
+    assert "minus 02_model_init.pt | - | " + " | ".join(f"{d:+.1f}" for d in diff) + " |" in table
+    # the summary: kNN, clusters, VOC; the probes only in the per-layer table
+    assert "| checkpoint | method | kNN@20 | kNN@200 | NMI vs labels | ARI | VOC07 mAP fc6-8 | VOC07 mAP all |" \
+        in table
     # a --sobel that disagrees with the checkpoint is refused with exit code 2 (in-process: no second torch start-up)
     with pytest.raises(SystemExit) as e:
         common.run(ev.main, ev.Config, ["--out_dir", str(out), "--sobel", "off", "--layers", "none"])
@@ -240,18 +275,19 @@ def test_pooled_single_pass_matches_model():
         torch.testing.assert_close(f["fc7"], m(x))  # fc7 continued from conv13 = the model's phi
         c7 = m.conv_outputs(x, [7])[7]  # (3, 16, 8, 8): kernel 1, the whole map fits
         assert f[7].shape == (3, c7[0].numel()) and f[2].shape[1] < 10000
-    groups = ev.layer_groups(m, [2, 7, "fc7"], n=1000, budget=4 * 1000 * (f[2].shape[1] + f[7].shape[1]))
-    assert groups == [[2, 7], ["fc7"]]
+    dims = {l: v.shape[1] for l, v in f.items()}
+    assert report.layer_chunks(dims, n=1000, budget=4 * 1000 * (dims[2] + dims[7])) == [[2, 7], ["fc7"]]
+    assert report.layer_chunks(dims, n=1000) == [[2, 7, "fc7"]] and report.layer_chunks(dims, 10 ** 9) == [[2], [7], ["fc7"]]
 
 
 def test_voc_fit_freezes_convs_and_keeps_bn_statistics(tmp_path):
     write_voc(tmp_path, n=4, size=36)
-    cfg = ev.Config(voc_iters=2, voc_batch=4, voc_lr=0.1, voc_stepsize=1)
+    cfg = ev.Config(voc_iters=2, voc_batch=4, voc_lr=0.1, voc_stepsize_fc68=1, voc_stepsize_all=1)
     for mode in ("fc6-8", "all"):
         trunk = model_lib.VGG(width=1 / 16, image_size=32, sobel=True)
         net = ev.VOCNet(trunk, 32, torch.Generator().manual_seed(0))
         before = {k: v.clone() for k, v in net.state_dict().items()}
-        ev.voc_fit(net, ev.VOCSource(str(tmp_path), "trainval"), mode, 32, cfg, "cpu")
+        ev.voc_fit(net, report.VOCSource(str(tmp_path), "trainval"), mode, 32, cfg, "cpu")
         after = net.state_dict()
         changed = {k for k in before if not torch.equal(before[k], after[k])}
         assert not any("running_" in k or "sobel" in k for k in changed)  # BN in eval mode, Sobel fixed, in both modes
@@ -265,7 +301,7 @@ def test_probe_aug_recomputes_features(tmp_path):
     src = data.make_source("synthetic:64")
     m = model_lib.VGG(width=1 / 16, image_size=32, sobel=True).eval()
     cfg = ev.Config(probe_aug=True, probe_epochs=2, probe_batch=32)
-    x_te = ev.extract(m, ev.input_batches(src, 32, cfg), [4], "cpu")[4]
+    x_te = ev.extract(m, torch.utils.data.DataLoader(data.ClusterDataset(src, 32), 32), [4], "cpu")[4]
     y = torch.as_tensor(src.labels)
     r = ev.run_probe(m, 4, None, None, x_te, y, 6, cfg, "cpu", src)
     assert r["iterations"] == 4 and len(r["acc_per_epoch"]) == 2 and r["dim"] == x_te.shape[1]

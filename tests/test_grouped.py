@@ -1,4 +1,4 @@
-"""The paper's grouped layout (04_train.py --layout grouped, PAPER.md §7) with gloo on CPU, 4 processes, tiny model:
+"""The paper's grouped layout (04_train.py --layout grouped, grouped.py, PAPER.md §7) with gloo on CPU, 4 processes, tiny model:
 
 - one training step gives the single-process loss and trunk/V gradients on the union of the groups' batches, and
   sub-class head gradients S times the single-process ones (derivation below), for S = 4 (one super-cluster x 4
@@ -7,7 +7,7 @@
   stacked format: loading it back gives every rank its rows, and it loads into one process;
 - 04_train.main runs grouped for an epoch, resumes grouped, refuses N = 4 for S = 8, and its checkpoint resumes in
   one process (replicated);
-- level 2 of the k-means inside the clustering groups (03_kmeans.level2_in_groups) equals the single-process two_level;
+- level 2 of the k-means inside the clustering groups (grouped.level2_in_groups) equals the single-process two_level;
 - --show_layout prints the N = 16 / S = 16 table and the memory note, no processes (and refuses N = 12).
 
 This file is also the torchrun worker: `torchrun --nproc_per_node=4 tests/test_grouped.py OUT_DIR`."""
@@ -30,6 +30,7 @@ import common  # noqa: E402
 t4 = importlib.import_module("04_train")  # 04_train.py
 m02 = importlib.import_module("02_model")  # 02_model.py
 km = importlib.import_module("03_kmeans")  # 03_kmeans.py
+gl = importlib.import_module("grouped")  # grouped.py: the paper's layout
 WORLD, B, K_S = 4, 16, 8  # processes, global batch, sub-classes per super-class
 CASES = {"S4": (4, 1), "S2": (2, 2)}  # name: (S, m); S4 = deepercluster with 1 super-cluster, S2 = deepcluster, m = 2
 TRAIN = dict(data="synthetic:64", subset=0, k=8, super_clusters=1, pca_dim=16, batch_size=16, workers=0, niter=4)
@@ -74,28 +75,28 @@ def single_step(S):
 
 def grouped_step(rank, S, m, ckpt_path):
     trunk, full = tiny_net(S)
-    groups = t4.make_groups("grouped", {"S": S, "m": m, "cluster": True}, rank, WORLD)
-    heads = t4.ShardedHeads(trunk.feature_dim, S, K_S, groups.t)
+    groups = gl.make_groups({"S": S, "m": m, "cluster": True}, rank, WORLD)
+    heads = gl.ShardedHeads(trunk.feature_dim, S, K_S, groups.t)
     heads.reset(torch.Generator().manual_seed(3))  # the same draws as `full`, keeping row t
     init_equal = torch.equal(heads.W[0], full.W[groups.t]) and torch.equal(heads.V.weight, full.V.weight)
-    model = t4.wrap_model(t4.Net(trunk, heads), torch.device("cpu"), WORLD, groups)
+    model = gl.wrap(t4.Net(trunk, heads), torch.device("cpu"), groups)
     opts = sgd(trunk, heads)
     x, s, z = global_batch(S)
-    pos = t4.group_batches(s.numpy(), B, rank, WORLD, S)[0]  # this rank's B/N positions, all of super-class t
+    pos = gl.group_batches(s.numpy(), B, rank, WORLD, S)[0]  # this rank's B/N positions, all of super-class t
     assert len(pos) == B // WORLD and (s[pos] == groups.t).all()
     sums = t4.train_step(model, opts, x[pos], s[pos], z[pos])
     out = {"loss": sums[:-1] / sums[-1], "init_equal": torch.tensor(init_equal), **grads(trunk, heads)}
     out["W"], out["b"] = common.all_gather_cat(out["W"]), common.all_gather_cat(out["b"])  # (WORLD, k_s, d): rank rows
     out["W_momentum"] = common.all_gather_cat(opts[1].state[heads.W]["momentum_buffer"])  # (WORLD, k_s, d)
     # checkpoint: gather (rank 0 writes), then every rank loads its rows back into fresh heads and optimizer
-    sd, osd = t4.head_states(heads, opts[1], groups)
+    sd, osd = gl.head_states(heads, opts[1], groups)
     if rank == 0:
         common.save_ckpt({"heads": sd, "head_optimizer": osd}, ckpt_path)
     common.barrier()
     ck = torch.load(ckpt_path, weights_only=True)
-    heads2 = t4.ShardedHeads(trunk.feature_dim, S, K_S, groups.t)
+    heads2 = gl.ShardedHeads(trunk.feature_dim, S, K_S, groups.t)
     opt2 = torch.optim.SGD(heads2.parameters(), lr=0.05, momentum=0.9)
-    t4.load_heads(heads2, opt2, ck, groups)
+    gl.load_heads(heads2, opt2, ck, groups)
     same = all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), heads2.state_dict().values()))
     same &= all(torch.equal(opts[1].state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
                 for p, q in zip(heads.parameters(), heads2.parameters()))
@@ -115,7 +116,7 @@ def cluster_problems():
 def two_level(x, k, m, grouped):
     rank, world, N = common.get_rank(), common.world_size(), len(x)
     shard = torch.from_numpy(x[rank * N // world:(rank + 1) * N // world])  # contiguous shards, as 03.cluster has them
-    r = km.two_level(shard, k, m, niter=4, seed=7, groups=km.cluster_groups(m) if grouped else None)
+    r = km.two_level(shard, k, m, niter=4, seed=7, groups=gl.cluster_groups(m) if grouped else None)
     return {"super": common.all_gather_cat(r["super"]), "sub": common.all_gather_cat(r["sub"]),
             "centroids_sub": r["centroids_sub"], "objective_sub": torch.tensor(r["stats"]["objective_sub"]),
             "n_empty_split": torch.tensor(r["stats"]["n_empty_split"]),
@@ -264,8 +265,9 @@ def test_show_layout_refuses_wrong_n(capsys):
         common.run(t4.main, t4.Config, ["--layout", "grouped", "--show_layout", "--world_size", "12"])
     assert e.value.code == 2
     assert "N must be a multiple of S=16: 16, 32, 48, 64" in capsys.readouterr().err
-    with pytest.raises(common.UserError, match="use replicated or grouped"):
-        t4.make_groups("sharded", {"S": 4}, 0, 4)
+    with pytest.raises(SystemExit) as e:
+        common.run(t4.main, t4.Config, ["--layout", "sharded", "--out_dir", "/nonexistent"])
+    assert e.value.code == 2 and "use replicated or grouped" in capsys.readouterr().err
 
 
 if __name__ == "__main__":

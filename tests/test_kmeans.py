@@ -1,7 +1,10 @@
 """Oracle tests for 03_kmeans.py: Lloyd vs faiss.Kmeans and a NumPy brute force, the empty-cluster policy (§4.4),
 PCA-whitening (Eq. (10)-(11)), two-level consistency, guard rails, diagnostics, and the stage end to end."""
+import dataclasses
 import importlib
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from sklearn.metrics import normalized_mutual_info_score
 import common
 
 km = importlib.import_module("03_kmeans")  # 03_kmeans.py
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mixture(n=1200, D=16, k=8, sep=8.0, seed=0):
@@ -21,9 +25,14 @@ def mixture(n=1200, D=16, k=8, sep=8.0, seed=0):
     return (centers[y] + rng.normal(size=(n, D))).astype(np.float32), y
 
 
+def init_indices(N, k, seed):
+    """The initial centroids' rows: kmeans draws k distinct points first from its generator (§4.3)."""
+    return np.random.default_rng(seed).choice(N, size=k, replace=False)
+
+
 def good_seed(y, k):
     """A seed whose init points hit every true component, so that a correct Lloyd loop must recover them."""
-    return next(s for s in range(10000) if len(set(y[km.init_indices(len(y), k, np.random.default_rng(s))])) == k)
+    return next(s for s in range(10000) if len(set(y[init_indices(len(y), k, s)])) == k)
 
 
 def lloyd_np(x, c, niter):
@@ -49,7 +58,7 @@ def test_kmeans_matches_numpy_and_faiss_and_recovers_clusters(gm):
     x, y, seed = gm
     c, a, st = km.kmeans(x, 8, niter=10, seed=seed, backend="torch")
     assert len(st["objective"]) == 11 and st["n_empty_split"] == 0
-    init = x[km.init_indices(len(x), 8, np.random.default_rng(seed))]
+    init = x[init_indices(len(x), 8, seed)]
     a_np, obj_np = lloyd_np(x, init, 10)
     assert abs(st["objective"][-1] - obj_np) <= 0.01 * obj_np
     assert (a.numpy() == a_np).all()
@@ -75,8 +84,8 @@ def test_kmeans_deterministic_and_distinct_init():
     x, _ = mixture(n=300, seed=1)
     r1, r2 = km.kmeans(x, 10, niter=3, seed=5), km.kmeans(x, 10, niter=3, seed=5)
     assert torch.equal(r1[1], r2[1]) and torch.equal(r1[0], r2[0])
-    idx = km.init_indices(300, 300, np.random.default_rng(0))
-    assert len(set(idx.tolist())) == 300
+    c, a, _ = km.kmeans(x, 300, niter=0, seed=0)  # k = N, no iteration: every point is its own centroid
+    assert len(torch.unique(c, dim=0)) == 300 and torch.equal(c[a], torch.from_numpy(x))
 
 
 # ---- §4.4 empty clusters ----
@@ -102,12 +111,16 @@ def test_empty_clusters_duplicated_points():
 def test_split_empty_draws_donors_with_two_or_more_points():
     c = torch.arange(12, dtype=torch.float32).reshape(4, 3) + 1
     counts = torch.tensor([0.0, 1.0, 5.0, 0.0])
-    c2, n = km._split_empty(c.clone(), counts, np.random.default_rng(0))
-    assert n == 2
+    c2 = km._split_empty(c.clone(), counts, np.random.default_rng(0))
+    assert counts.tolist() == [0.0, 1.0, 5.0, 0.0]  # the caller's counts are left as they were
     assert torch.equal(c2[1], c[1])  # a single-point cluster is never a donor (p ∝ n_c − 1 = 0)
     for j in (0, 2, 3):  # every re-seeded centroid is a relative ±1/1024 perturbation of cluster 2's
         assert torch.allclose(c2[j], c[2], rtol=2.1 / 1024) and not torch.equal(c2[j], c[2])
     assert len({tuple(r.tolist()) for r in c2}) == 4
+    c = torch.tensor([[9.0, 9.0, 9.0], [1.0, 2.0, 3.0]])  # one empty cluster, one donor: Eq. (13) exactly
+    c2 = km._split_empty(c.clone(), torch.tensor([0.0, 4.0]), np.random.default_rng(0))
+    delta = torch.tensor([1.0, -1.0, 1.0])  # δ = (+1, −1, +1, …), relative ε = 1/1024
+    assert torch.equal(c2[0], c[1] * (1 + delta / 1024)) and torch.equal(c2[1], c[1] * (1 - delta / 1024))
 
 
 def test_fix_empty_moves_points_by_side_and_by_index():
@@ -115,13 +128,13 @@ def test_fix_empty_moves_points_by_side_and_by_index():
     x = torch.from_numpy(rng.normal(size=(40, 4)).astype(np.float32))
     a = torch.zeros(40, dtype=torch.long)  # everything in cluster 0, clusters 1 and 2 empty
     c = torch.zeros(3, 4)
-    a2, c2, n = km._fix_empty(x, a.clone(), c.clone(), np.random.default_rng(0), 0)
+    a2, c2, n = km._fix_empty(x, a.clone(), c.clone(), np.random.default_rng(0))
     check_partition(a2, 40, 3)
     assert n == 2
     for j in range(3):  # centroids are the means of their members after the move
         assert torch.allclose(c2[j], x[a2 == j].mean(0), atol=1e-5)
     same = torch.ones(9, 4)  # all members coincide: the last ⌊n_c/2⌋ in index order move
-    a3, _, _ = km._fix_empty(same, torch.zeros(9, dtype=torch.long), torch.zeros(2, 4), np.random.default_rng(0), 0)
+    a3, _, _ = km._fix_empty(same, torch.zeros(9, dtype=torch.long), torch.zeros(2, 4), np.random.default_rng(0))
     assert a3.tolist() == [0] * 5 + [1] * 4
 
 
@@ -152,17 +165,39 @@ def test_pca_rank_deficient_and_sample():
     assert torch.equal(m1, m2) and torch.equal(p1, p2) and not torch.allclose(m1, torch.from_numpy(x.mean(0)))
 
 
+def test_pca_eigenvalue_floor_matches_numpy():
+    """Eq. (10)'s floor λ_i <- max(λ_i, 1e-5·max_j λ_j), against a NumPy computation. Variances 1 .. 1e-10 in a
+    random basis: the kept directions 4-6 have λ below the floor, so the whitened output depends on its value."""
+    rng = np.random.default_rng(0)
+    std = np.array([1, 0.7, 0.3, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5])
+    basis = np.linalg.qr(rng.normal(size=(8, 8)))[0]
+    x = ((rng.normal(size=(2000, 8)) * std) @ basis.T + 2).astype(np.float32)
+    g = km.apply_pca(x, *km.fit_pca(x, 6)).double().numpy()
+
+    def gram(floor):  # NumPy Eq. (10)-(11), float64; the Gram matrix does not depend on eigenvector signs
+        xc = x.astype(np.float64) - x.astype(np.float64).mean(0)
+        lam, U = np.linalg.eigh(xc.T @ xc / len(x))
+        lam, U = lam[::-1], U[:, ::-1]
+        h = xc @ (U[:, :6] / np.sqrt(np.maximum(lam, floor * lam[0])[:6]))
+        h /= np.linalg.norm(h, axis=1, keepdims=True)
+        return h @ h.T
+
+    assert np.abs(g @ g.T - gram(1e-5)).max() < 1e-3
+    for other in (1e-30, 1e-6, 2e-5, 1e-4):  # the test tells these floors apart
+        assert np.abs(g @ g.T - gram(other)).max() > 0.1
+
+
 # ---- guard rails: each names its flag ----
 def test_guard_rails(capsys):
     x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
-    with pytest.raises(common.UserError, match="--pca_dim 9"):
+    with pytest.raises(common.UserError, match=r"--pca_dim 9 must be in 0\.\.8 \(feature dimension 8"):
         km.fit_pca(x, 9)  # > d
-    with pytest.raises(common.UserError, match="--pca_dim 8 is larger than the 5 samples"):
+    with pytest.raises(common.UserError, match=r"--pca_dim 8 must be in 0\.\.5 .* 5 samples"):
         km.fit_pca(x, 8, sample=5)  # > samples
     km.fit_pca(x, 8)  # 30 samples >= 8·7/2 = 28: no warning
     assert "warning" not in capsys.readouterr().out
     km.check_pca(64, 512, 1000)
-    assert "consider --pca_dim 45" in capsys.readouterr().out  # 1000 < 64·63/2 = 2016
+    assert "try --pca_dim 45" in capsys.readouterr().out  # 1000 < 64·63/2 = 2016
     with pytest.raises(common.UserError, match="--k 31"):
         km.two_level(x, 31, 1)
     with pytest.raises(common.UserError, match="--super_clusters 31"):
@@ -202,13 +237,13 @@ def test_two_level_small_super_cluster(capsys):
     small = [v for v in range(3) if (r["super"] == v).sum() == 2]
     assert len(small) == 1 and r["stats"]["n_small_super"] == 1
     assert sorted(r["sub"][r["super"] == small[0]].tolist()) == [0, 1]  # each point its own sub-class
-    assert "fewer points than k_s = 5" in capsys.readouterr().out
+    assert "have < k_s = 5 points" in capsys.readouterr().out
     flat = (r["super"] * 5 + r["sub"]).numpy()
     assert len(np.unique(flat)) == 5 + 5 + 2  # the small super-cluster's 3 other ids stay empty
 
 
 # ---- diagnostics ----
-def test_diagnostics_nmi_and_histogram():
+def test_diagnostics_nmi_and_sizes():
     x, y = mixture(n=400, k=4, seed=3)
     r = km.two_level(x, 8, 2, niter=3)
     perm = {"super": 1 - r["super"], "sub": r["sub"], "k_s": r["k_s"]}  # the same partition, renamed
@@ -216,14 +251,16 @@ def test_diagnostics_nmi_and_histogram():
     assert dg["nmi_prev"] == pytest.approx(1.0)
     flat = (r["super"] * 4 + r["sub"]).numpy()
     assert dg["nmi_labels"] == pytest.approx(normalized_mutual_info_score(y, flat, average_method="geometric"))
-    assert sum(dg["sizes"]["histogram"].values()) == 8 and dg["sizes"]["n_empty"] == 0
+    sizes = np.bincount(flat, minlength=8)
+    assert dg["sizes"] == {"min": sizes.min(), "median": np.median(sizes), "max": sizes.max(), "n_empty": 0}
     assert dg["nmi_labels"] != pytest.approx(normalized_mutual_info_score(y, flat[::-1]))
-    assert km.diagnostics(r, prev=np.zeros(3, dtype=np.int64))["nmi_prev"] is None  # N changed
+    fewer = {"super": r["super"][:3], "sub": r["sub"][:3], "k_s": 4}
+    assert km.diagnostics(r, prev=fewer)["nmi_prev"] is None  # N changed
 
 
 # ---- the stage: cluster() with a tiny stand-in trunk, then save_clustering ----
 class TinyTrunk(torch.nn.Module):
-    feature_dim = 24
+    feature_dim, image_size = 24, 16  # cluster() feeds the trunk at its own image_size
 
     def __init__(self):
         super().__init__()
@@ -251,7 +288,7 @@ class TinySource(torch.utils.data.Dataset):
 
 class Cfg:
     k, super_clusters, pca_dim, niter, seed = 6, 3, 8, 3, 0
-    batch_size, workers, image_size, kmeans_backend = 32, 0, 16, "auto"
+    batch_size, workers, kmeans_backend = 32, 0, "auto"
 
 
 def test_cluster_and_save(tmp_path):
@@ -291,3 +328,22 @@ def test_main_script(tmp_path, capsys):
     assert z["super"].shape == (48,) and int(z["k_s"]) == 2 and z["pca_proj"].shape == (32, 8)
     km.main(cfg)  # a second run reads the first as the previous clustering: same seed, same result
     assert "NMI prev 1.000" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match="--niter -1"):
+        km.main(dataclasses.replace(cfg, niter=-1))
+
+
+@pytest.mark.slow
+def test_image_size_comes_from_the_trunk(tmp_path):
+    """Issue 14 item 8: a 64-px trunk with no --image_size clusters at 64 px; a different --image_size is one
+    line, exit 2, naming both sizes (it used to warn, then die in the trunk with a ValueError traceback)."""
+    m02 = importlib.import_module("02_model")
+    out = str(tmp_path)
+    m02.main(m02.Config(out_dir=out, width=0.0625, image_size=64, fc_dim=32, super_classes=8, k=4))
+    flags = ["--out_dir", out, "--data", "synthetic:24", "--subset", "0", "--k", "4", "--super_clusters", "2",
+             "--pca_dim", "4", "--niter", "1"]
+    km.main(common.parse_config(km.Config, flags))  # --image_size 0: the trunk's 64 px
+    assert common.load_npz(os.path.join(out, "03_kmeans.npz"))["super"].shape == (24,)
+    p = subprocess.run([sys.executable, "03_kmeans.py", *flags, "--image_size", "32"], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "--image_size 32" in p.stderr and "64 px" in p.stderr

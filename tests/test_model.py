@@ -1,5 +1,6 @@
-"""Oracle tests for 02_model.py: the hierarchical loss against a per-sample loop, Sobel against a hand-written
-convolution, parameter counts against a formula and torchvision, weight interop, checkpoints and their errors."""
+"""Oracle tests for 02_model.py: the hierarchical loss against a per-sample loop (and its memory at
+DeepCluster scale), Sobel against a hand-written convolution, parameter counts against a formula and
+torchvision, the script's checkpoint. Weight interop (interop.py): tests/test_interop.py."""
 import importlib
 import os
 import subprocess
@@ -10,7 +11,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.vgg import VGG as TorchvisionVGG, make_layers
 
 import common
 
@@ -19,23 +19,11 @@ M = importlib.import_module("02_model")  # 02_model.py: trunk, heads, loss
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These models are tiny: on a busy 2-core machine, 2 OpenMP threads wait on each other (up to 50x slower)."""
+    """Tiny models: on a busy 2-core machine, 2 OpenMP threads wait on each other (up to 50x)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def randomise_bn(model, seed=0):
-    """Non-trivial BN running statistics, so that eval-mode comparisons test them too."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def analytic_params(width, image_size, sobel, fc_dim=None):
@@ -69,7 +57,8 @@ def grads(loss, tensors):
     return torch.autograd.grad(loss, tensors)
 
 
-@pytest.mark.parametrize("S,k_s,present", [(16, 5, None), (16, 5, [0, 3, 7, 12]), (8, 3, [1]), (4, 1, None), (1, 7, None)])
+@pytest.mark.parametrize("S,k_s,present", [(16, 5, None), (16, 5, [0, 3, 7, 12]), (8, 3, [1]),
+                                           (4, 1, None), (1, 7, None)])
 def test_loss_equals_per_sample_loop(S, k_s, present):
     torch.manual_seed(S * 100 + k_s)
     d, B = 12, 40
@@ -82,13 +71,15 @@ def test_loss_equals_per_sample_loop(S, k_s, present):
     ref, acc_s, acc_z, acc_j = reference_loss(heads, phi, s, z)
     assert torch.allclose(out["loss"], ref, atol=1e-12)
     assert torch.allclose(out["loss_super"] + out["loss_sub"], ref, atol=1e-12)
-    assert (out["acc_super"], out["acc_sub"], out["acc_joint"]) == pytest.approx((acc_s, acc_z, acc_j))
+    accs = (out["acc_super"], out["acc_sub"], out["acc_joint"])
+    assert accs == pytest.approx((acc_s, acc_z, acc_j))
     params = [phi, heads.V.weight, heads.V.bias, heads.W, heads.b]
     for g, g_ref in zip(grads(out["loss"], params), grads(ref, params)):
         assert torch.allclose(g, g_ref, atol=1e-12)
     if present:  # absent super-classes get no gradient at all
         absent = [t for t in range(S) if t not in present]
-        assert grads(M.hierarchical_loss(heads, phi, s, z)["loss"], heads.W)[0][absent].abs().max() == 0
+        gW = grads(M.hierarchical_loss(heads, phi, s, z)["loss"], heads.W)[0]
+        assert gW[absent].abs().max() == 0
 
 
 def test_sub_grad_scale_gives_group_mean_for_W_and_leaves_the_rest():
@@ -99,7 +90,8 @@ def test_sub_grad_scale_gives_group_mean_for_W_and_leaves_the_rest():
     s = torch.tensor([0] * 20 + [3] * 7 + [5] * 3)  # unbalanced, some super-classes absent
     z = torch.randint(k_s, (B,))
     params = [phi, heads.V.weight, heads.V.bias, heads.W, heads.b]
-    plain, scaled = M.hierarchical_loss(heads, phi, s, z), M.hierarchical_loss(heads, phi, s, z, sub_grad_scale=True)
+    plain = M.hierarchical_loss(heads, phi, s, z)
+    scaled = M.hierarchical_loss(heads, phi, s, z, sub_grad_scale=True)
     assert torch.equal(plain["loss"], scaled["loss"])
     g_plain, g_scaled = grads(plain["loss"], params), grads(scaled["loss"], params)
     for a, b in zip(g_plain[:3], g_scaled[:3]):  # trunk (through phi) and V: unchanged
@@ -112,8 +104,10 @@ def test_sub_grad_scale_gives_group_mean_for_W_and_leaves_the_rest():
         f = torch.relu(phi[idx])
         group_mean = F.cross_entropy(f @ heads.W[t].T + heads.b[t], z[idx])
         gW, gb = grads(group_mean, [heads.W, heads.b])
-        assert torch.allclose(g_scaled[3][t], gW[t], atol=1e-12) and torch.allclose(g_scaled[4][t], gb[t], atol=1e-12)
-        assert torch.allclose(g_plain[3][t] * B / len(idx), gW[t], atol=1e-12)  # = B/B_s times the plain gradient
+        assert torch.allclose(g_scaled[3][t], gW[t], atol=1e-12)
+        assert torch.allclose(g_scaled[4][t], gb[t], atol=1e-12)
+        # = B/B_s times the plain gradient
+        assert torch.allclose(g_plain[3][t] * B / len(idx), gW[t], atol=1e-12)
 
 
 def test_rotnet_and_deepcluster_reduce_to_cross_entropy():
@@ -148,6 +142,103 @@ def test_heads_reset_is_seeded_and_in_linear_bounds():
         assert t.abs().max() <= 1 / 8 and t.abs().max() > 0.1  # U(-1/sqrt(d), 1/sqrt(d)), d = 64
 
 
+def test_heads_reset_draws_V_then_W_from_one_generator():
+    """The draws of the stacked heads, so old seeds give the same heads: V.weight, V.bias, W, b."""
+    d, S, k_s = 6, 3, 4
+    h = M.Heads(d, S, k_s, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    ref = [torch.empty(shape).uniform_(-d ** -0.5, d ** -0.5, generator=g)
+           for shape in ((S, d), (S,), (S, k_s, d), (S, k_s))]
+    for got, want in zip((h.V.weight, h.V.bias, h.W, h.b), ref):
+        assert torch.equal(got, want)
+    W_1, b_1 = h.sub_head(1)
+    assert torch.equal(W_1, h.W[1]) and torch.equal(b_1, h.b[1])
+
+
+class OneRowHeads(nn.Module):
+    """What the grouped layout holds on the ranks of group t: V, S and only W_t (no stacked W)."""
+
+    def __init__(self, heads, t):
+        super().__init__()
+        self.S, self.t, self.V = heads.S, t, heads.V
+        self.W_t = nn.Parameter(heads.W[t].detach().clone())
+        self.b_t = nn.Parameter(heads.b[t].detach().clone())
+
+    def sub_head(self, t):
+        assert t == self.t, f"asked for W_{t}, this rank holds W_{self.t} only"
+        return self.W_t, self.b_t
+
+
+@pytest.mark.parametrize("sub_grad_scale", [False, True])
+def test_loss_needs_only_V_S_and_sub_head(sub_grad_scale):
+    torch.manual_seed(3)
+    d, S, k_s, B, t = 10, 8, 6, 12, 5
+    heads = M.Heads(d, S, k_s).double()
+    one = OneRowHeads(heads, t)
+    phi = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
+    s, z = torch.full((B,), t), torch.randint(k_s, (B,))
+    ref = M.hierarchical_loss(heads, phi, s, z, sub_grad_scale)
+    out = M.hierarchical_loss(one, phi, s, z, sub_grad_scale)
+    for k in ("loss", "loss_super", "loss_sub", "acc_super", "acc_sub", "acc_joint"):
+        assert torch.equal(torch.as_tensor(out[k]), torch.as_tensor(ref[k]))
+    g_ref = grads(ref["loss"], [phi, heads.V.weight, heads.W, heads.b])
+    g_out = grads(out["loss"], [phi, heads.V.weight, one.W_t, one.b_t])
+    assert torch.equal(g_out[0], g_ref[0]) and torch.equal(g_out[1], g_ref[1])
+    assert torch.equal(g_out[2], g_ref[2][t]) and torch.equal(g_out[3], g_ref[3][t])
+
+
+def test_heads_backward_writes_W_gradient_once():
+    """With every super-class present, forward + backward allocates a few times W's size, not S
+    times: through sub_head(t) alone, each row's backward would zero-fill a gradient as big as W."""
+    from torch.profiler import profile
+    S, k_s, d, B = 16, 32, 256, 64
+    g = torch.Generator().manual_seed(0)
+    heads = M.Heads(d, S, k_s, generator=g)
+    phi = torch.randn(B, d, generator=g, requires_grad=True)
+    s, z = torch.arange(B) % S, torch.randint(k_s, (B,), generator=g)
+    with profile(profile_memory=True) as prof:
+        M.hierarchical_loss(heads, phi, s, z)["loss"].backward()
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+    W_bytes = heads.W.numel() * 4
+    assert W_bytes <= allocated < 6 * W_bytes, f"{allocated / W_bytes:.1f} x W"
+
+
+def peak_rss_added(fn):
+    """Bytes of resident memory that fn() adds at its peak: Linux's VmHWM (the high-water mark
+    of the resident set), reset to the current size just before (clear_refs 5), minus the size
+    before."""
+    def status(key):
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key + ":"))
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
+def test_heads_forward_backward_at_deepcluster_scale_fit_in_2_gb():
+    """S = 1, k_s = 10,000, d = 4,096, B = 256 (DeepCluster, PAPER.md §8): a per-sample copy of
+    W_{s_n} would be B * k_s * d * 4 bytes = 42 GB; one GEMM per super-class needs W, its gradient
+    and the (B, k_s) logits. The measured peak includes W and W.grad themselves (2 x 164 MB)."""
+    S, k_s, d, B = 1, 10_000, 4096, 256
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        heads = M.Heads(d, S, k_s, generator=g)
+        phi = torch.randn(B, d, generator=g, requires_grad=True)
+        s, z = torch.zeros(B, dtype=torch.long), torch.randint(k_s, (B,), generator=g)
+        M.hierarchical_loss(heads, phi, s, z)["loss"].backward()
+        assert heads.W.grad.shape == (S, k_s, d) and phi.grad.shape == (B, d)
+
+    peak = peak_rss_added(step)
+    W_bytes = S * k_s * d * 4
+    assert 2 * W_bytes <= peak < 2 * 2 ** 30, f"peak {peak / 2 ** 20:.0f} MiB"
+
+
 # ---- Sobel input layer ----
 def test_sobel_matches_hand_convolution_and_stays_frozen():
     model = M.VGG(width=1 / 16, image_size=32, sobel=True)
@@ -162,9 +253,10 @@ def test_sobel_matches_hand_convolution_and_stays_frozen():
                 ref[i, j] = sum(K[a][b] * gray[i + a, j + b] for a in range(3) for b in range(3))
         assert np.allclose(out[c], ref, atol=1e-5)
     flat = torch.zeros(1, 3, 32, 32)
-    flat[..., 16:] = 1.0  # a pure step: Gx = (left - right) * (1 + 2 + 1) = -4 on the edge, Gy = 0 inside
+    flat[..., 16:] = 1.0  # a pure step: Gx = (left - right) * (1 + 2 + 1) = -4 on the edge, Gy = 0
     g = model.input_layer(flat)[0]
-    assert torch.allclose(g[0, 10, 16], torch.tensor(-4.0)) and torch.allclose(g[1, 10, 16], torch.tensor(0.0))
+    assert torch.allclose(g[0, 10, 16], torch.tensor(-4.0))
+    assert torch.allclose(g[1, 10, 16], torch.tensor(0.0))
     # frozen: not trainable, not touched by .train() or by an optimiser step over all parameters
     before = [p.clone() for p in model.sobel_layer.parameters()]
     model.train()
@@ -184,7 +276,8 @@ def test_parameter_counts(width, size, sobel):
     with torch.device("meta"):  # no memory, no init cost, even at width 1
         model = M.VGG(width, size, sobel)
     assert M.n_params(model) == analytic_params(width, size, sobel)
-    assert sum(p for _, _, p in M.layer_table(model.arch())) == M.n_params(model) + M.n_params(model, False)
+    total = M.n_params(model) + M.n_params(model, False)
+    assert sum(p for _, _, p in M.layer_table(model.arch())) == total
 
 
 def test_full_width_matches_torchvision_vgg16_bn_count():
@@ -195,7 +288,8 @@ def test_full_width_matches_torchvision_vgg16_bn_count():
     assert M.n_params(ours) == sum(p.numel() for p in tv.parameters()) - fc8 == 134_268_992
 
 
-@pytest.mark.parametrize("width,size,device", [(1 / 8, 32, "cpu"), (1 / 8, 224, "cpu"), (1, 224, "meta"), (1, 32, "meta")])
+@pytest.mark.parametrize("width,size,device", [(1 / 8, 32, "cpu"), (1 / 8, 224, "cpu"),
+                                               (1, 224, "meta"), (1, 32, "meta")])
 def test_output_shapes(width, size, device):
     with torch.device(device):
         model = M.VGG(width, size, sobel=True).eval()
@@ -203,9 +297,11 @@ def test_output_shapes(width, size, device):
         with torch.no_grad():
             phi, convs = model(x), model.conv_outputs(x, range(1, 14))
     c = [max(1, round(v * width)) for v in M.CFG_D if v != "M"]
-    sides = [(size + 2) // 2 ** b for b in (0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4)]  # before the pool of each block
+    # the side before the pool of each block
+    sides = [(size + 2) // 2 ** b for b in (0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4)]
     assert phi.shape == (2, max(1, round(4096 * width)))
-    assert [tuple(convs[i + 1].shape) for i in range(13)] == [(2, c[i], sides[i], sides[i]) for i in range(13)]
+    shapes = [tuple(convs[i + 1].shape) for i in range(13)]
+    assert shapes == [(2, c[i], sides[i], sides[i]) for i in range(13)]
 
 
 def test_conv_outputs_stops_early_and_checks_its_input():
@@ -213,7 +309,8 @@ def test_conv_outputs_stops_early_and_checks_its_input():
     x = torch.randn(2, 3, 32, 32)
     out = model.conv_outputs(x, [2, 4])
     assert sorted(out) == [2, 4] and (out[4] >= 0).all()
-    full = nn.Sequential(*list(model.features)[:13])(model.input_layer(x))  # conv4's ReLU is features[12]
+    # conv4's ReLU is features[12]
+    full = nn.Sequential(*list(model.features)[:13])(model.input_layer(x))
     assert torch.equal(out[4], full)
     with pytest.raises(ValueError):
         model.conv_outputs(x, [14])
@@ -221,73 +318,6 @@ def test_conv_outputs_stops_early_and_checks_its_input():
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(common.UserError):
         M.VGG(1 / 8, 16)
-
-
-# ---- interop ----
-def torchvision_twin(width, c5_grid, d, fc8=10):
-    """torchvision's VGG class with a width-scaled config D and its classifier sized like ours (+ an fc8)."""
-    with torch.device("meta"):  # skip building torchvision's own 25088x4096 classifier
-        tv = TorchvisionVGG(nn.Sequential(), init_weights=False)
-    tv.features = make_layers([v if v == "M" else max(1, round(v * width)) for v in M.CFG_D], batch_norm=True)
-    tv.classifier = nn.Sequential(nn.Linear(c5_grid, d), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(d, d),
-                                  nn.ReLU(True), nn.Dropout(0.5), nn.Linear(d, fc8))
-    return tv
-
-
-def test_torchvision_interop_both_ways():
-    width, size = 1 / 16, 224
-    ours = randomise_bn(M.VGG(width, size, sobel=False)).eval()
-    tv = torchvision_twin(width, 32 * 7 * 7, ours.feature_dim).eval()
-    missing, unexpected = tv.load_state_dict(M.torchvision_state_dict(ours), strict=False)
-    assert missing == ["classifier.6.weight", "classifier.6.bias"] and unexpected == []
-    x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        # ours pads by 1 before conv1 (226 px, PAPER.md §5.3); torchvision's AdaptiveAvgPool2d((7, 7)) is then the
-        # identity on its 7x7 map, so ours(x) == torchvision's fc7 (classifier[:4]) on the padded image, exactly
-        y = F.pad(x, (1, 1, 1, 1))
-        ref = tv.classifier[:4](torch.flatten(tv.avgpool(tv.features(y)), 1))
-        assert torch.allclose(ours(x), ref, atol=1e-5)
-        back = M.VGG(width, size, sobel=False).eval()
-        M.load_torchvision_state_dict(back, tv.state_dict())  # torchvision's fc8 is dropped
-        assert torch.equal(back(x), ours(x))
-        via_loader, info = M.load_trunk(tv.state_dict(), sobel=False)
-        assert info["arch"] == ours.arch() and torch.equal(via_loader.eval()(x), ours(x))
-    with pytest.raises(ValueError):
-        M.torchvision_state_dict(M.VGG(width, 32, sobel=True))
-
-
-def official_layout(model, prefix="module.", wrap=True, head=8, drop_counter=False):
-    """A state dict laid out as the official DeeperCluster code saves it (Net(padding, sobel, body, pred_layer))."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if drop_counter and k.endswith("num_batches_tracked"):
-            continue
-        k = k.replace("sobel_layer.", "sobel.") if k.startswith("sobel_layer.") else "body." + k
-        sd[prefix + k] = v.clone()
-    sd[prefix + "pred_layer.weight"] = torch.randn(head, model.feature_dim)
-    sd[prefix + "pred_layer.bias"] = torch.randn(head)
-    return {"epoch": 12, "state_dict": sd} if wrap else sd
-
-
-@pytest.mark.parametrize("sobel,prefix,wrap,drop", [(True, "module.", True, False), (True, "", False, True),
-                                                    (False, "module.", True, True)])
-def test_official_layout_loads(tmp_path, sobel, prefix, wrap, drop):
-    ours = randomise_bn(M.VGG(1 / 8, 32, sobel=sobel), seed=3).eval()
-    path = str(tmp_path / "checkpoint.pth.tar")
-    torch.save(official_layout(ours, prefix, wrap, drop_counter=drop), path)
-    model, info = M.load_trunk(path)
-    assert info["arch"] == dict(width=0.125, image_size=32, sobel=sobel, fc_dim=512)
-    assert info["source"] == "official" and sorted(info["ignored"]) == [prefix + "pred_layer.bias", prefix + "pred_layer.weight"]
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), ours(x))
-    model2, _ = M.load_official(official_layout(ours, prefix, wrap), sobel=sobel)  # an in-memory dict works too
-    assert torch.equal(model2.eval()(x), ours(x))
-    body_only = {k: v for k, v in official_layout(ours, prefix, False).items() if "sobel." not in k}  # as pretrain.py keeps
-    model3, _ = M.load_official(body_only)
-    assert torch.equal(model3.eval()(x), ours(x)) and model3.sobel == sobel
-    with pytest.raises(common.UserError, match="pitfall|sobel"):  # PAPER.md §11 pitfall 7: check, never guess
-        M.load_trunk(path, sobel=not sobel)
 
 
 # ---- checkpoints ----
@@ -299,8 +329,9 @@ def test_script_checkpoint_round_trip(tmp_path, capsys):
     assert "02_model_init.pt" in capsys.readouterr().out
     path = tmp_path / "02_model_init.pt"
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    assert {"format", "version", "stage", "config", "arch", "model", "heads"} <= set(ck) and ck["stage"] == "02_model"
-    assert ck["arch"] == model.arch() and ck["config"]["k"] == 20 and ck["heads"]["W"].shape == (8, 10, 256)
+    assert {"format", "version", "stage", "config", "arch", "model", "heads"} <= set(ck)
+    assert ck["stage"] == "02_model" and ck["arch"] == model.arch() and ck["config"]["k"] == 20
+    assert ck["heads"]["W"].shape == (8, 10, 256)
     assert common.load_ckpt(str(path), "02_model")["stage"] == "02_model"
     loaded, info = M.load_trunk(str(path), sobel=True)
     x = torch.randn(2, 3, 32, 32)
@@ -308,7 +339,8 @@ def test_script_checkpoint_round_trip(tmp_path, capsys):
         assert torch.equal(loaded.eval()(x), model.eval()(x))
     assert info["source"] == "02_model"
     again, _ = M.main(cfg)  # same seed, same weights
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    pairs = zip(model.state_dict().values(), again.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     other, _ = M.main(M.Config(out_dir=str(tmp_path), width=1 / 16, super_classes=8, k=20, seed=1))
     assert not torch.equal(other.features[0].weight, model.features[0].weight)
     with pytest.raises(common.UserError, match="super_classes"):
@@ -318,38 +350,10 @@ def test_script_checkpoint_round_trip(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_writes_checkpoint(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "02_model.py", "--out_dir", str(tmp_path), "--width", "0.0625", "--no-sobel"],
-                       cwd=root, capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "02_model.py", "--out_dir", str(tmp_path), "--width", "0.0625",
+           "--no-sobel"]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert "conv13" in r.stdout and "fc7" in r.stdout
     assert M.load_trunk(str(tmp_path / "02_model_init.pt"))[1]["arch"]["sobel"] is False
-
-
-def test_bad_checkpoints_give_clear_errors(tmp_path):
-    good = tmp_path / "good.pt"
-    model = M.VGG(1 / 16, 32)
-    common.save_ckpt(common.ckpt_header("02_model", {"width": 1 / 16}) | {"arch": model.arch(), "model": model.state_dict()}, good)
-    data = good.read_bytes()
-    cases = {"missing.pt": None, "truncated.pt": data[: len(data) // 2], "text.pt": b"not a checkpoint\n"}
-    for name, content in cases.items():
-        if content is not None:
-            (tmp_path / name).write_bytes(content)
-        with pytest.raises(common.UserError, match=name):
-            M.load_trunk(str(tmp_path / name))
-
-    def save(name, obj):
-        torch.save(obj, tmp_path / name)
-        return str(tmp_path / name)
-    no_model = save("no_model.pt", common.ckpt_header("03_kmeans", {}) | {"super": torch.zeros(3)})
-    with pytest.raises(common.UserError, match="no_model.pt.*no trunk weights"):
-        M.load_trunk(no_model)
-    with pytest.raises(common.UserError, match="no state dict"):
-        M.load_trunk(save("numbers.pt", {"epoch": 3, "lr": 0.1}))
-    with pytest.raises(common.UserError, match="not hold VGG-16"):
-        M.load_trunk(save("resnet.pt", {"conv1.weight": torch.zeros(64, 3, 7, 7)}))
-    bad = dict(model.state_dict())
-    bad["features.7.weight"] = torch.zeros(9, 4, 3, 3)
-    with pytest.raises(common.UserError, match="bad_shape.pt.*features.7.weight"):
-        M.load_trunk(save("bad_shape.pt", common.ckpt_header("04_train", {}) | {"arch": model.arch(), "model": bad}))
-    with pytest.raises(common.UserError, match="version"):
-        M.load_trunk(save("v9.pt", common.ckpt_header("02_model", {}) | {"version": 9, "model": {}}))

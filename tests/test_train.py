@@ -70,14 +70,18 @@ def test_methods_and_round_trip(method, S, k_s, rotate):
 
 
 def test_method_errors():
-    with pytest.raises(common.UserError, match="labelled"):
+    with pytest.raises(common.UserError, match="needs labels"):
         t4.method_setup(t4.Config(method="supervised"), source(labels=False))
     with pytest.raises(common.UserError, match="multiple"):
         t4.method_setup(t4.Config(k=10, super_clusters=4), source())
-    with pytest.raises(common.UserError, match="unknown"):
-        t4.method_setup(t4.Config(method="simclr"), source())
+    with pytest.raises(common.UserError, match="--method 'simclr': use deepercluster or rotnet"):
+        t4.check_flags(t4.Config(method="simclr"))
     with pytest.raises(common.UserError, match="epoch_size"):
-        t4.method_setup(t4.Config(epoch_size=10, batch_size=64), source())
+        t4.check_flags(t4.Config(epoch_size=10, batch_size=64))
+    with pytest.raises(common.UserError, match="--lr -0.1"):
+        t4.check_flags(t4.Config(lr=-0.1))
+    with pytest.raises(common.UserError, match="--reassign 0"):
+        t4.check_flags(t4.Config(reassign=0))
 
 
 # ---- the uniform sampler, Eq. (14) ----
@@ -173,20 +177,21 @@ def test_convert_sync_bn_keeps_weights():
     params = [id(p) for p in net.parameters()]
     x = torch.randn(6, 3, 3, 3)
     ref = net.eval()(x)
-    t4.convert_sync_bn(net)
-    assert isinstance(net[1], t4.SyncBatchNorm) and isinstance(net[4], t4.SyncBatchNorm)
+    common.convert_sync_bn(net)
+    assert isinstance(net[1], common.SyncBatchNorm) and isinstance(net[4], common.SyncBatchNorm)
     assert [id(p) for p in net.parameters()] == params  # the optimizer's parameters are still the model's
     assert torch.equal(net(x), ref)  # eval mode: running statistics, nothing to synchronise
 
 
 def test_incompatible_lists_differences():
     cfg = t4.Config(k=16, super_clusters=2, data="synthetic:160")
-    arch = dict(width=0.0625, image_size=32, sobel=True, fc_dim=256)
-    ck = {"config": dataclasses.asdict(cfg), "arch": dict(arch)}
-    assert t4.incompatible(ck, cfg, arch) == []
-    ck["config"]["k"], ck["config"]["method"], ck["arch"]["width"] = 32, "rotnet", 0.125
-    diff = "; ".join(t4.incompatible(ck, cfg, arch))
-    assert "--k 32 there vs 16 now" in diff and "'rotnet' there vs 'deepercluster' now" in diff and "width" in diff
+    old = dataclasses.asdict(cfg)
+    assert common.config_diff(old, cfg, t4.COMPAT + t4.COMPAT_MID_EPOCH) == []
+    old.update(k=32, method="rotnet", batch_size=32, seed=5)
+    diff = "; ".join(common.config_diff(old, cfg, t4.COMPAT))
+    assert "--k 32 there vs 16 now" in diff and "'rotnet' there vs 'deepercluster' now" in diff
+    mid = "; ".join(common.config_diff(old, cfg, t4.COMPAT_MID_EPOCH))  # checked on a mid-epoch resume only
+    assert mid == "--batch_size 32 there vs 64 now; --seed 5 there vs 0 now"
 
 
 # ---- subprocess runs ----
@@ -227,24 +232,48 @@ def test_two_epochs_outputs(runs):
     m02.load_trunk(str(a / "04_train_last.pt"))  # 05 reads it through 02's loader
 
 
-def test_kill_ctrl_c_and_resume_is_exact_and_keeps_labels(runs):
-    b = runs.base / "b"
-    # 5 iterations per epoch, a checkpoint every 2. SIGKILL after global iteration 8 (epoch 1, iteration 3): the last
-    # checkpoint is at epoch 1 iteration 2, so the resume redoes iteration 3. It is then Ctrl-C'ed after iteration 9,
-    # which saves iteration 4, not a periodic one. The final weights must equal the uninterrupted run's.
-    p = train(b, "--init", str(runs.init), env=dict(ENV, DC_TEST_KILL_AT_ITER="8"))
-    assert p.returncode == -9, p.stderr
-    assert (load(b / "04_train_last.pt")["epoch"], load(b / "04_train_last.pt")["iteration"]) == (1, 2)
-    p = train(b, "--init", str(runs.init), env=dict(ENV, DC_TEST_KILL_AT_ITER="9:INT"))
-    assert p.returncode == 130 and "resuming" in p.stdout and "interrupted: saved" in p.stdout, p.stderr
-    assert (load(b / "04_train_last.pt")["epoch"], load(b / "04_train_last.pt")["iteration"]) == (1, 4)
-    p = train(b, "--init", str(runs.init))
-    assert p.returncode == 0, p.stderr
-    assert not (b / "03_kmeans_ep001.npz").exists()  # epoch 1 of a T = 3 period: no new clustering...
+# Runs 04_train.main with a callback after every iteration that sends this process a real signal after global
+# iteration AT (5 iterations per epoch): SIGKILL (a crash), SIGINT (Ctrl-C) or SIGTERM (a scheduler). "in_step"
+# instead sends it inside train_step, right after opt.step(): the moment where an exception would lose the step.
+KILLER = """
+import importlib, os, signal, sys
+import common
+t4 = importlib.import_module("04_train")
+at, sig, where = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3]
+count = [0]
+step = t4.train_step
+def in_step(*a, **kw):
+    out = step(*a, **kw)
+    count[0] += 1
+    if count[0] == at:
+        os.kill(os.getpid(), sig)
+    return out
+def hook(epoch, it):
+    if epoch * 5 + it == at:
+        os.kill(os.getpid(), sig)
+if where == "in_step":
+    t4.train_step = in_step
+common.run(lambda cfg: t4.main(cfg, on_iteration=hook if where == "boundary" else None), t4.Config, sys.argv[4:])
+"""
+
+
+def killed(out, at, sig, where="boundary"):
+    return subprocess.run([sys.executable, "-c", KILLER, str(at), sig, where, "--out_dir", str(out), *TINY,
+                           "--init", str(RUNS_INIT[0])], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+RUNS_INIT = []
+
+
+def position(path):
+    ck = load(path)
+    return ck["epoch"], ck["iteration"]
+
+
+def assert_same_as_uninterrupted(runs, b):
     ca, cb = load(runs.a / "04_train_last.pt"), load(b / "04_train_last.pt")
-    assert torch.equal(ca["super"], cb["super"]) and torch.equal(ca["sub"], cb["sub"])  # same clustering at epoch 0
-    npz = common.load_npz(b / "03_kmeans_ep000.npz")  # ...the labels of epoch 0 were kept through both resumes
-    assert np.array_equal(cb["super"].numpy(), npz["super"]) and np.array_equal(cb["sub"].numpy(), npz["sub"])
+    assert torch.equal(ca["super"], cb["super"]) and torch.equal(ca["sub"], cb["sub"])  # same clustering
     for key in ("model", "heads"):  # ...and the very same weights as the uninterrupted run
         assert all(torch.equal(ca[key][n], cb[key][n]) for n in ca[key]), key
     clock = ("seconds", "images_per_s")  # the log matches too, except wall-clock times
@@ -252,14 +281,51 @@ def test_kill_ctrl_c_and_resume_is_exact_and_keeps_labels(runs):
         [{k: v for k, v in m.items() if k not in clock} for m in cb["metrics"]]
 
 
-def test_nan_guard_keeps_last_good_checkpoint(runs):
+def test_kill_sigterm_and_resume_is_exact_and_keeps_labels(runs):
+    RUNS_INIT[:] = [runs.init]
+    b = runs.base / "b"
+    # A checkpoint every 2 iterations. SIGKILL after global iteration 8 (epoch 1, iteration 3): the last checkpoint
+    # is at epoch 1 iteration 2, so the resume redoes iteration 3. SIGTERM after iteration 9 then saves iteration 4
+    # at once, not a periodic one. The final weights must equal the uninterrupted run's.
+    p = killed(b, 8, "SIGKILL")
+    assert p.returncode == -9, p.stderr
+    assert position(b / "04_train_last.pt") == (1, 2)
+    p = killed(b, 9, "SIGTERM")
+    assert p.returncode == 130 and "resuming" in p.stdout and "stopped by signal 15: saved" in p.stdout, p.stderr
+    assert position(b / "04_train_last.pt") == (1, 4)
+    p = train(b, "--init", str(runs.init))
+    assert p.returncode == 0, p.stderr
+    assert not (b / "03_kmeans_ep001.npz").exists()  # epoch 1 of a T = 3 period: no new clustering...
+    npz = common.load_npz(b / "03_kmeans_ep000.npz")  # ...the labels of epoch 0 were kept through both resumes
+    cb = load(b / "04_train_last.pt")
+    assert np.array_equal(cb["super"].numpy(), npz["super"]) and np.array_equal(cb["sub"].numpy(), npz["sub"])
+    assert_same_as_uninterrupted(runs, b)
+
+
+def test_ctrl_c_inside_a_step_never_replays_it(runs):
+    """SIGINT right after opt.step() of global step 3, before the loop counts it: the checkpoint must say
+    iteration 3 (its weights include step 3), or the resume would apply step 3 twice."""
+    RUNS_INIT[:] = [runs.init]
+    c = runs.base / "ctrl_c"
+    p = killed(c, 3, "SIGINT", where="in_step")
+    assert p.returncode == 130 and "stopped by signal 2: saved" in p.stdout, p.stderr
+    assert position(c / "04_train_last.pt") == (0, 3)
+    p = train(c, "--init", str(runs.init))
+    assert p.returncode == 0, p.stderr
+    assert_same_as_uninterrupted(runs, c)
+
+
+def test_nan_guard_never_saves_diverged_weights(runs):
     c = runs.base / "c"
     shutil.copytree(runs.a, c)
     digest = hashlib.sha256((c / "04_train_last.pt").read_bytes()).hexdigest()
-    p = train(c, "--init", str(runs.init), "--epochs", "3", "--lr", "1e38")  # diverges at once
+    # lr 1e38: the loss of step 1 is finite, its update is not; a checkpoint is due after every step
+    p = train(c, "--init", str(runs.init), "--epochs", "3", "--lr", "1e38", "--ckpt_every", "1")
     assert p.returncode == 1, p.stderr
-    assert "non-finite loss at epoch 2" in p.stderr and "last good state" in p.stderr
+    assert "non-finite" in p.stderr and "at epoch 2 iteration 1" in p.stderr and "last good state" in p.stderr
     assert hashlib.sha256((c / "04_train_last.pt").read_bytes()).hexdigest() == digest
+    ck = load(c / "04_train_last.pt")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
 def test_incompatible_checkpoint_refused(runs):
