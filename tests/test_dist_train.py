@@ -144,6 +144,18 @@ def test_torchrun_end_to_end(tmp_path):
     ck = torch.load(tmp_path / "04_train_last.pt", weights_only=True)
     assert ck["epoch"] == 1 and ck["rng"]["torch"].shape[0] == 2  # both ranks' dropout RNG states
     assert (tmp_path / "03_kmeans_ep000.npz").exists()
+    # Ctrl-C under torchrun (tests/kill_runner.py: each rank gets SIGINT after its 2nd step): every rank stops
+    # at the same iteration, and the checkpoint holds every rank's own dropout RNG (not rank 0's twice).
+    run2 = tmp_path / "ctrl_c"
+    p = torchrun("tests/kill_runner.py", "2", "SIGINT", "boundary", "--out_dir", str(run2), "--init",
+                 str(tmp_path / "02_model_init.pt"), "--data", "synthetic:160", "--subset", "0", "--k", "16",
+                 "--super_clusters", "2", "--pca_dim", "16", "--batch_size", "32", "--workers", "0",
+                 "--epochs", "1")
+    assert p.returncode != 0 and "stopped by signal 2: saved" in p.stdout, p.stderr[-3000:]
+    ck = torch.load(run2 / "04_train_last.pt", weights_only=True)
+    assert (ck["epoch"], ck["iteration"]) == (0, 2)
+    rows = ck["rng"]["torch"]
+    assert rows.shape[0] == 2 and not torch.equal(rows[0], rows[1])
 
 
 if __name__ == "__main__":

@@ -232,35 +232,11 @@ def test_two_epochs_outputs(runs):
     m02.load_trunk(str(a / "04_train_last.pt"))  # 05 reads it through 02's loader
 
 
-# Runs 04_train.main with a callback after every iteration that sends this process a real signal after global
-# iteration AT (5 iterations per epoch): SIGKILL (a crash), SIGINT (Ctrl-C) or SIGTERM (a scheduler). "in_step"
-# instead sends it inside train_step, right after opt.step(): the moment where an exception would lose the step.
-KILLER = """
-import importlib, os, signal, sys
-import common
-t4 = importlib.import_module("04_train")
-at, sig, where = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3]
-count = [0]
-step = t4.train_step
-def in_step(*a, **kw):
-    out = step(*a, **kw)
-    count[0] += 1
-    if count[0] == at:
-        os.kill(os.getpid(), sig)
-    return out
-def hook(epoch, it):
-    if epoch * 5 + it == at:
-        os.kill(os.getpid(), sig)
-if where == "in_step":
-    t4.train_step = in_step
-common.run(lambda cfg: t4.main(cfg, on_iteration=hook if where == "boundary" else None), t4.Config, sys.argv[4:])
-"""
-
-
-def killed(out, at, sig, where="boundary"):
-    return subprocess.run([sys.executable, "-c", KILLER, str(at), sig, where, "--out_dir", str(out), *TINY,
-                           "--init", str(RUNS_INIT[0])], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+def killed(out, at, sig, where="boundary", *extra):
+    """04_train.py with a real signal after this process's step `at` (tests/kill_runner.py)."""
+    return subprocess.run([sys.executable, "tests/kill_runner.py", str(at), sig, where, "--out_dir", str(out),
+                           *TINY, "--init", str(RUNS_INIT[0]), *extra], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
 
 
 RUNS_INIT = []
@@ -284,13 +260,15 @@ def assert_same_as_uninterrupted(runs, b):
 def test_kill_sigterm_and_resume_is_exact_and_keeps_labels(runs):
     RUNS_INIT[:] = [runs.init]
     b = runs.base / "b"
-    # A checkpoint every 2 iterations. SIGKILL after global iteration 8 (epoch 1, iteration 3): the last checkpoint
+    # 5 iterations per epoch, a checkpoint every 2. SIGKILL after global iteration 8 (epoch 1, iteration 3): the last checkpoint
     # is at epoch 1 iteration 2, so the resume redoes iteration 3. SIGTERM after iteration 9 then saves iteration 4
     # at once, not a periodic one. The final weights must equal the uninterrupted run's.
     p = killed(b, 8, "SIGKILL")
     assert p.returncode == -9, p.stderr
     assert position(b / "04_train_last.pt") == (1, 2)
-    p = killed(b, 9, "SIGTERM")
+    p = train(b, "--init", str(runs.init), "--batch_size", "16")  # mid-epoch: another batch size is refused
+    assert p.returncode == 2 and "--batch_size 32 there vs 16 now" in p.stderr, p.stderr
+    p = killed(b, 2, "SIGTERM")  # the resume redoes global step 8, then step 9 is its 2nd
     assert p.returncode == 130 and "resuming" in p.stdout and "stopped by signal 15: saved" in p.stdout, p.stderr
     assert position(b / "04_train_last.pt") == (1, 4)
     p = train(b, "--init", str(runs.init))
@@ -313,6 +291,15 @@ def test_ctrl_c_inside_a_step_never_replays_it(runs):
     p = train(c, "--init", str(runs.init))
     assert p.returncode == 0, p.stderr
     assert_same_as_uninterrupted(runs, c)
+
+
+def test_checkpoint_by_wall_clock(runs):
+    """--ckpt_minutes: a kill loses at most that much training (here a few ms: every iteration is due)."""
+    RUNS_INIT[:] = [runs.init]
+    d = runs.base / "clock"
+    p = killed(d, 3, "SIGKILL", "boundary", "--ckpt_every", "0", "--ckpt_minutes", "1e-6")
+    assert p.returncode == -9, p.stderr
+    assert position(d / "04_train_last.pt") == (0, 2)  # saved after step 2 by the clock, killed after step 3
 
 
 def test_nan_guard_never_saves_diverged_weights(runs):
