@@ -2,7 +2,8 @@
 
 φ(x) (fc7 before ReLU, eval mode, center crop, no rotation) -> PCA-whitening, L2-normalisation ->
 Lloyd k-means at two levels with an explicit empty-cluster policy (faiss, if installed, speeds up
-the E-step on CPU). 04_train.py calls `cluster()` every T epochs; run alone, this file clusters
+the E-step on CPU). Under torchrun each rank extracts, whitens and clusters only its own shard
+of the images (§7). 04_train.py calls `cluster()` every T epochs; run alone, this file clusters
 with a saved trunk, at the trunk's own width, Sobel setting and input size.
 
 Paper:  PAPER.md §4 (Eq. (10)-(13)), §7 (sharded k-means), §9.3 Eq. (18), §11 pitfalls 1, 2, 6.
@@ -34,6 +35,7 @@ try:  # optional: the E-step speed-up on CPU (faiss-cpu); the torch E-step needs
 except ImportError:
     faiss = None
 
+CHUNK = 2 ** 24  # values per temporary in the loops over chunks of rows below (64 MB in fp32)
 data = importlib.import_module("01_data")  # 01_data.py: sources and the clustering transform
 model_lib = importlib.import_module("02_model")  # 02_model.py: load_trunk (φ = fc7 before ReLU)
 
@@ -60,19 +62,20 @@ class Config:
 # ---- §4.1 Features: φ(x) = fc7 before ReLU, eval mode, center crop, no rotation ----
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, device, workers=0):
-    """φ of each item (x, n) of `dataset`, in index order: (N, d) float32 on CPU, on every rank."""
+    """φ of this rank's contiguous shard of `dataset`'s (x, n), in index order: (n_r, d) on CPU."""
     net = getattr(model, "module", model)  # unwrap DDP: ranks have uneven batches here
     was_training = net.training
     net.eval()  # BN running statistics, no dropout
     N, rank, world = len(dataset), common.get_rank(), common.world_size()
     shard = Subset(dataset, range(rank * N // world, (rank + 1) * N // world))  # DIST: contiguous
-    phis = [torch.zeros(0, net.feature_dim)]
+    phi = torch.empty(len(shard), net.feature_dim)  # (n_r, d), filled batch by batch
+    i = 0
     for x, _ in tqdm(DataLoader(shard, batch_size, num_workers=workers), desc="features",
                      disable=not common.is_main(), leave=False):
-        phis.append(net(x.to(device)).float().cpu())  # (B, 3, S, S) -> (B, d)
+        phi[i:i + len(x)] = net(x.to(device)).float().cpu()  # (B, 3, S, S) -> (B, d)
+        i += len(x)
     net.train(was_training)
-    # DIST: the contiguous shards, gathered in rank order, are in index order (nccl: on `device`)
-    return common.all_gather_cat(torch.cat(phis).to(device)).cpu()  # (N, d)
+    return phi
 
 
 # ---- §4.2 PCA-whitening, Eq. (10)-(11) ----
@@ -90,12 +93,9 @@ def check_pca(dim, d, n, warn=True):
 # Eq. (10)  μ = mean φ,  Σ = (1/|P|) Σ (φ−μ)(φ−μ)ᵀ = U diag(λ) Uᵀ,
 #           λ_i ← max(λ_i, 1e-5·max_j λ_j),  keep the D largest
 # Eq. (11)  g(φ) = h/‖h‖,  h = diag(λ_1..λ_D)^(-1/2) U_Dᵀ (φ − μ)
-def fit_pca(x, dim, sample=None, seed=0, warn=True):
-    """-> (mean (d,), proj (d, D)) float32, the whitening folded into proj. dim = 0: no PCA."""
+def fit_pca(x, dim, warn=True):
+    """Rows x (|P|, d) -> (mean (d,), proj (d, D)) float32, the whitening folded into proj."""
     x = torch.as_tensor(x)
-    if sample and x.shape[0] > sample:  # a seeded sample P of the rows
-        rows = np.random.default_rng(seed).choice(x.shape[0], size=sample, replace=False)
-        x = x[torch.from_numpy(np.sort(rows))]
     n, d = x.shape
     check_pca(dim, d, n, warn)
     if dim == 0:
@@ -142,7 +142,7 @@ def _assign(x, c, backend):
         return a, d2.double().clamp_min(0)
     cc = (c * c).sum(1)  # (k,) ‖c‖²
     labels, dists = [], []
-    for xb in x.split(max(1, 2 ** 24 // c.shape[0])):  # chunks of ≤ 16M distances (64 MB)
+    for xb in x.split(max(1, CHUNK // max(c.shape))):  # (b, k) distances, (b, D) squares
         dmin, a = torch.addmm(cc, xb, c.T, alpha=-2).min(1)  # (b, k) ‖c‖² − 2xᵀc
         labels.append(a)
         dists.append((dmin.double() + (xb * xb).sum(1).double()).clamp_min(0))  # (b,) + ‖x‖²
@@ -152,7 +152,9 @@ def _assign(x, c, backend):
 def _sums_counts(x, a, k, group=None):
     """Per-cluster sums (k, D) and counts (k,) over all ranks (of `group`), float64: 1 = N ranks."""
     sc = torch.zeros(k, x.shape[1] + 1, dtype=torch.float64, device=x.device)  # (k, D+1)
-    sc[:, :-1].index_add_(0, a, x.double())
+    b = max(1, CHUNK // max(1, x.shape[1]))
+    for xb, ab in zip(x.split(b), a.split(b)):  # chunks of rows: no (n, D) float64 copy of x
+        sc[:, :-1].index_add_(0, ab, xb.double())
     sc[:, -1] = torch.bincount(a, minlength=k).double()
     common.all_reduce_sum(sc, group)  # DIST: one all-reduce for both
     return sc[:, :-1], sc[:, -1]
@@ -196,9 +198,10 @@ def kmeans(x, k, niter=10, seed=0, backend="auto", group=None):
         c = _split_empty(c, counts, rng)  # §4.4: an empty cluster kept its c_j: re-seed it
         n_split += int((counts == 0).sum())
     a, c, n_fixed = _fix_empty(x, a, c, rng, group)  # §4.4: no empty cluster when N >= k
-    if n_fixed:  # the objective of the labels returned
-        d2 = ((x - c[a]) ** 2).sum().double().reshape(1)
-        objective[-1] = common.all_reduce_sum(d2, group).item() / N
+    if n_fixed:  # the objective of the labels returned, in chunks of rows
+        b = max(1, CHUNK // x.shape[1])
+        d2 = sum(((xb - c[ab]) ** 2).sum().double() for xb, ab in zip(x.split(b), a.split(b)))
+        objective[-1] = common.all_reduce_sum(d2.reshape(1), group).item() / N
     stats = {"objective": objective, "n_empty_split": n_split + n_fixed, "n_empty_final": n_fixed}
     return c, a, stats
 
@@ -332,33 +335,44 @@ def diagnostics(res, labels=None, prev=None):
 
 # ---- The whole stage, in-process (04_train.py calls this every T epochs) ----
 def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None, m=None):
-    """features (at the trunk's own size) -> PCA -> two_level, on every rank -> two_level's dict
-    (on CPU) + pca_mean, pca_proj, diagnostics. cfg: k, super_clusters, pca_dim, niter, seed,
-    batch_size, workers, kmeans_backend (pca_sample optional). epoch: the k-means seed is cfg.seed
-    + epoch. m: default cfg.super_clusters (04: 1 for DeepCluster). groups: 04's grouped layout."""
+    """features -> PCA -> two_level, each rank on its shard of the images -> two_level's dict (on
+    CPU, all N labels) + pca_mean, pca_proj, diagnostics. cfg: k, super_clusters, pca_dim, niter,
+    seed, batch_size, workers, kmeans_backend (pca_sample optional). epoch: the k-means seed is
+    cfg.seed + epoch. m: default cfg.super_clusters (04: 1 for DeepCluster). groups: grouped."""
     m = cfg.super_clusters if m is None else m
     t0, net = time.time(), getattr(model, "module", model)
     N, d = len(source), int(net.feature_dim)
     n_fit = min(N, getattr(cfg, "pca_sample", 0) or N)
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(N, n_fit, replace=False))  # (|P|,) P
     check_sizes(N, cfg.k, m)  # guard rails before extraction
     check_pca(cfg.pca_dim, d, n_fit)
     _backend(cfg.kmeans_backend)
-    common.log(f"feature cache: N x d = {N} x {d} float32 = {N * d / 2 ** 18:.1f} MiB per rank")
+    rank, world = common.get_rank(), common.world_size()
+    lo, hi = rank * N // world, (rank + 1) * N // world  # DIST: this rank's shard of the images
+    common.log(f"feature shard: {hi - lo} x {d} float32 = {(hi - lo) * d / 2 ** 18:.1f} MiB")
     views = data.ClusterDataset(source, net.image_size)  # §4.1: center crop, no rotation
-    phi = extract_features(net, views, cfg.batch_size, device, cfg.workers)  # (N, d)
+    batch = max(1, cfg.batch_size // world)  # 04's batch is global: a rank's share
+    phi = extract_features(net, views, batch, device, cfg.workers)  # (n_r, d) rows lo..hi-1
     t1 = time.time()
-    # DIST: PCA is fitted on rank 0 and broadcast (eigenvector signs could differ between ranks)
+    # DIST: P is gathered once (each rank sends the rows of P it holds: in rank order, P's order);
+    # rank 0 fits the PCA and broadcasts it (eigenvector signs could differ between ranks)
+    mine = torch.from_numpy(rows[(rows >= lo) & (rows < hi)] - lo)
+    sample = common.all_gather_cat(phi[mine].to(device)).cpu()  # (|P|, d); nccl: on `device`
     mean, proj = torch.zeros(d), torch.zeros(d, cfg.pca_dim or d)
     if common.is_main():
-        mean, proj = fit_pca(phi, cfg.pca_dim, n_fit, cfg.seed, warn=False)
-    mean, proj = (common.broadcast(t.to(device)).cpu() for t in (mean, proj))
-    rank, world = common.get_rank(), common.world_size()
-    x = apply_pca(phi[rank * N // world:(rank + 1) * N // world], mean, proj)  # DIST: (n_r, D)
+        mean, proj = fit_pca(sample, cfg.pca_dim, warn=False)
+    del sample
+    mean, proj = (common.broadcast(t.to(device)) for t in (mean, proj))
+    x = torch.empty(len(phi), proj.shape[1], device=device)  # (n_r, D) the whitened shard
+    b = max(1, CHUNK // d)
+    for i in range(0, len(phi), b):  # on `device`, in chunks of rows
+        x[i:i + b] = apply_pca(phi[i:i + b].to(device), mean, proj)  # Eq. (11)
+    del phi
     seed = cfg.seed if epoch is None else cfg.seed + epoch
-    res = two_level(x.to(device), cfg.k, m, cfg.niter, seed, cfg.kmeans_backend, groups)
+    res = two_level(x, cfg.k, m, cfg.niter, seed, cfg.kmeans_backend, groups)
     res |= {key: common.all_gather_cat(res[key]).cpu() for key in ("super", "sub")}  # DIST: (N,)
     res |= {key: res[key].cpu() for key in ("centroids_super", "centroids_sub")}
-    res |= dict(pca_mean=mean, pca_proj=proj)
+    res |= dict(pca_mean=mean.cpu(), pca_proj=proj.cpu())
     res["stats"] |= dict(epoch=epoch, seconds_features=t1 - t0, seconds_kmeans=time.time() - t1)
     res["diagnostics"] = diagnostics(res, getattr(source, "labels", None), prev)
     return res

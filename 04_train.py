@@ -1,31 +1,26 @@
 """Stage 4: DeeperCluster's alternating training: cluster every T epochs (03), train on Eq. (8).
 
-At the start of every T-th epoch the current trunk's features are clustered in-process (03_kmeans):
-m super-clusters u, and k/m sub-classes z inside each. They define the targets of Eq. (6)-(7):
-super-class s = 4u + r (r = the sample's rotation) and sub-class z. An epoch draws images uniformly
-over these pseudo-labels (Eq. (14)) and minimises Eq. (8) with SGD. Cluster ids are arbitrary, so
-the heads restart from scratch at each round; the trunk carries over. One loop serves five methods
-(PAPER.md §8): deepercluster (default), rotnet (S = 4, no clusters), deepcluster (S = 1, flat
-k-means, no rotation), deepcluster-2level (no rotation, S = m) and supervised (true labels as z).
-04_train_last.pt holds everything needed to resume exactly, also in mid-epoch (PAPER.md §11,
-pitfall 1): re-running the command resumes. Ctrl-C or SIGTERM saves at the next iteration and exits.
+Every T-th epoch starts by clustering the current trunk's features (03_kmeans, in-process): m
+super-clusters u, k/m sub-classes z in each, the targets of Eq. (6)-(7): s = 4u + r (r = the
+sample's rotation) and z. An epoch draws images uniformly over these pseudo-labels (Eq. (14)) and
+minimises Eq. (8) with SGD. Cluster ids are arbitrary, so the heads restart at each round; the trunk
+carries over. One loop serves five methods (§8): deepercluster, rotnet, deepcluster (S = 1, flat
+k-means), deepcluster-2level (no rotation, S = m) and supervised (true labels as z).
+04_train_last.pt holds all the state, so re-running the command resumes exactly, also in mid-epoch
+(§11 pitfall 1). Ctrl-C or SIGTERM saves at the next iteration and exits.
 
-Paper:  PAPER.md §2-§3 Eq. (6)-(9), §5 Eq. (14), §7 (SyncBN, gradient scale), §8, §11 pitfalls 1, 8
+Paper:  PAPER.md §2-§3 Eq. (6)-(9), §5 Eq. (14), §7 (SyncBN, gradient scale), §8, §11 pitfall 1, 8
 Reads:  <out_dir>/02_model_init.pt (trunk architecture + weights; or --init), 04_train_last.pt
 Writes: <out_dir>/03_kmeans_ep{E:03d}.npz/.json (the clustering at the start of epoch E),
-        04_train_last.pt, 04_train_ep{E:03d}.pt (state after E epochs), 04_train_log.jsonl (one line
-        per epoch), 04_train_curves.png
+        04_train_last.pt, 04_train_ep{E:03d}.pt, 04_train_log.jsonl, 04_train_curves.png
 Run:    python 02_model.py --out_dir out && python 04_train.py --out_dir out
         torchrun --nproc_per_node=2 04_train.py --out_dir out    (same global batch, BN synced)
         torchrun --nproc_per_node=16 04_train.py --layout grouped --out_dir out   (grouped.py, §7)
-        python 04_train.py --method rotnet --init out/02_model_init.pt --out_dir out/rotnet
-Uses:   01_data.make_source/RotationDataset,
-        02_model.load_trunk/build_model/Heads/hierarchical_loss,
+Uses:   01_data.make_source/RotationDataset, 02_model.load_trunk/Heads/hierarchical_loss,
         03_kmeans.cluster/save_clustering; grouped.py only under --layout grouped
 """
 import dataclasses
 import importlib
-import json
 import os
 import sys
 import time
@@ -37,14 +32,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import common
+import parallel
 from common import UserError
 
-# 01_data.py: sources, RotationDataset (seeded per-sample augmentation)
-data = importlib.import_module("01_data")
-# 02_model.py: VGG trunk, Heads (V, W), hierarchical_loss (Eq. (8))
-m02 = importlib.import_module("02_model")
-# 03_kmeans.py: features -> PCA-whitening -> two-level k-means
-m03 = importlib.import_module("03_kmeans")
+data = importlib.import_module("01_data")  # 01_data.py: sources, RotationDataset
+m02 = importlib.import_module("02_model")  # 02_model.py: VGG trunk, Heads (V, W), Eq. (8)
+m03 = importlib.import_module("03_kmeans")  # 03_kmeans.py: features -> PCA -> two-level k-means
 report = importlib.import_module("report")  # report.py: the training log and curves
 
 
@@ -90,7 +83,9 @@ class Config:
     log_every: int = 20  # refresh the progress bar's numbers every N iterations
     layout: str = "replicated"  # under torchrun: replicated (all heads everywhere) | grouped (§7)
     show_layout: bool = False  # print --layout grouped's rank table and head memory, then exit
-    world_size: int = 0  # N for --show_layout (0 = S); under torchrun N = --nproc_per_node
+    world_size: int = 0  # N for --show_layout / --plan (0 = S); under torchrun --nproc_per_node
+    plan: bool = False  # print this run's memory per rank (scale.py) for --world_size, then exit
+    pca_sample: int = 100000  # at most this many seeded images fit the PCA (official: D(D-1)/2)
 
 
 # ---- §8 five methods, one loop: super-classes S, sub-classes k_s, rotation on or off ----
@@ -100,19 +95,15 @@ METHODS = ("deepercluster", "rotnet", "deepcluster", "deepcluster-2level", "supe
 def method_setup(cfg, source):
     """-> dict(S, k_s, m, rotate, cluster, super, sub); super/sub (N,): the fixed labels of rotnet
     and supervised (None for the clustering methods)."""
-    N = len(source)
-    zeros = np.zeros(N, np.int64)
-    # m = 1, k_s = 1: the sub-class loss is identically 0 and V (4 rotations) is kept
-    if cfg.method == "rotnet":
+    N, zeros = len(source), np.zeros(len(source), np.int64)
+    if cfg.method == "rotnet":  # m = k_s = 1: the sub-class loss is 0, V (4 rotations) is kept
         return dict(S=4, k_s=1, m=1, rotate=True, cluster=False, super=zeros, sub=zeros)
-    # one super-class whose sub-class is the true label: plain cross-entropy
-    if cfg.method == "supervised":
+    if cfg.method == "supervised":  # one super-class whose sub-class is the true label
         if source.labels is None:
             raise UserError(f"--method supervised needs labels, and --data {cfg.data} has none")
         labels = np.asarray(source.labels, np.int64)  # (N,)
         n_cls = len(source.classes) if source.classes else int(labels.max()) + 1
-        # NOTE: the uniform sampler (Eq. (14)) then draws class-balanced epochs, not images
-        # uniformly.
+        # NOTE: the sampler (Eq. (14)) then draws class-balanced epochs, not images uniformly
         return dict(S=1, k_s=n_cls, m=1, rotate=False, cluster=False, super=zeros, sub=labels)
     # deepcluster is DeepCluster itself (PAPER.md §8): one super-cluster (m = 1, so S = 1 and V
     # is a 1-way head whose loss is 0), flat k-means into k clusters, one k-way head W_0, no
@@ -126,8 +117,8 @@ def method_setup(cfg, source):
         raise UserError(f"--k {cfg.k} exceeds the {N} images of --data {cfg.data}: lower --k or "
                         f"raise --subset")
     rotate = cfg.method == "deepercluster"  # rotation off: s = u and S = m (PAPER.md §8)
-    S = 4 * m if rotate else m
-    return dict(S=S, k_s=cfg.k // m, m=m, rotate=rotate, cluster=True, super=None, sub=None)
+    return dict(S=4 * m if rotate else m, k_s=cfg.k // m, m=m, rotate=rotate, cluster=True,
+                super=None, sub=None)
 
 
 # ---- §3 targets, Eq. (6)-(7): super-class s = (super-cluster u, rotation r), sub-class z ----
@@ -180,8 +171,7 @@ def reset_heads(heads, head_opt, generator, reset_V):
     """Re-initialise W, b (and V when reset_V) from `generator`, and drop their momentum buffers."""
     keep = {k: v.clone() for k, v in heads.V.state_dict().items()}
     heads.reset(generator=generator)
-    if not reset_V:
-        # in place: the Parameter objects (optimizer, DDP) stay the same
+    if not reset_V:  # in place: the Parameter objects (optimizer, DDP) stay the same
         heads.V.load_state_dict(keep)
     for name, p in heads.named_parameters():
         if reset_V or not name.startswith("V."):
@@ -204,17 +194,14 @@ class Net(nn.Module):
         return m02.hierarchical_loss(self.heads, phi, s, z, sub_grad_scale=self.sub_grad_scale)
 
 
-KEYS = report.TRAIN_KEYS  # what train_step returns, in order
-
-
 def train_step(model, opts, x, s, z, amp=False):
     """One SGD step of Eq. (8) on this rank's part of the global batch -> (7,) sums over the global
-    batch (the 6 KEYS times b, then b). Raises FloatingPointError, before any update, when the loss
-    is not finite."""
+    batch (the 6 TRAIN_KEYS times b, then b). Raises FloatingPointError, before any update, when
+    the loss is not finite."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(x, s, z)
     b = float(len(s))
-    vals = [float(out[k].detach() if torch.is_tensor(out[k]) else out[k]) * b for k in KEYS] + [b]
+    vals = [float(torch.as_tensor(out[k]).detach()) * b for k in report.TRAIN_KEYS] + [b]
     sums = torch.tensor(vals, dtype=torch.float64, device=x.device)
     sums = common.all_reduce_sum(sums).cpu()  # DIST: one all-reduce per step
     if not torch.isfinite(sums).all():
@@ -222,24 +209,13 @@ def train_step(model, opts, x, s, z, amp=False):
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     out["loss"].backward()  # DDP averages the gradients of trunk and heads over ranks here
-    if hasattr(model, "reduce_grads"):
-        # --layout grouped: trunk and V over all ranks, W_t in its group (grouped.py)
+    if hasattr(model, "reduce_grads"):  # --layout grouped: W_t averaged in its group only
         model.reduce_grads()
     for opt in opts:
         opt.step()
     return sums
 
 
-# ---- DIST: the plan's split over ranks (identity in one process) ----
-def rank_batches(E, batch_size, rank, world, start=0):
-    """The plan positions j this rank feeds, one list per iteration from `start`. Global batch b is
-    plan[bB:(b+1)B] (an incomplete last batch is dropped); rank takes every world-th position of
-    it, so the union over the ranks is exactly the single-process batch."""
-    if batch_size % world:
-        raise UserError(f"--batch_size {batch_size} must be a multiple of the {world} processes")
-    B = batch_size
-    return [list(range(b * B + rank, (b + 1) * B, world)) for b in range(start, E // B)]
-# ---- end DIST ----
 
 
 # ---- §5.1 the alternation: every T epochs cluster, reset the heads; the plan; SGD on Eq. (8) ----
@@ -274,14 +250,13 @@ def epoch_loader(cfg, ds, epoch, plan, it, super_, rotate, S, groups, pin=False)
     rank, world = common.get_rank(), common.world_size()
     ds.set_plan(epoch, plan[0].numpy(), plan[1].numpy())
     if groups is None:
-        batches = rank_batches(len(ds), cfg.batch_size, rank, world, it)
+        batches = parallel.rank_batches(len(ds), cfg.batch_size, rank, world, it)
     else:  # DIST: --layout grouped: each training group feeds on its own super-class
         plan_s = make_targets(super_[plan[0]], None, plan[1], rotate)[0]
         gl = importlib.import_module("grouped")
         batches = gl.group_batches(plan_s.numpy(), cfg.batch_size, rank, world, S, it)
-    return torch.utils.data.DataLoader(  # own generator: the global RNG only draws dropout
-        ds, batch_sampler=batches, num_workers=cfg.workers, generator=torch.Generator(),
-        pin_memory=pin)
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
+                                       generator=torch.Generator(), pin_memory=pin)  # own RNG
 
 
 def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, on_iteration=None):
@@ -391,59 +366,36 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
 
 
 # ---- the script: check the flags, load or resume, train ----
-# what the state depends on
-COMPAT = ("method", "k", "super_clusters", "data", "subset", "image_size")
-# what a mid-epoch plan depends on too
-COMPAT_MID_EPOCH = ("batch_size", "seed", "epoch_size", "crop_min")
+COMPAT = ("method", "k", "super_clusters", "data", "subset", "image_size")  # the state depends on
+COMPAT_MID_EPOCH = ("batch_size", "seed", "epoch_size", "crop_min")  # and a mid-epoch plan on
 
 
 def check_flags(cfg):
     """Every numeric flag and choice, before any data is read."""
-    at_least_1 = ("k", "super_clusters", "niter", "reassign", "epochs", "batch_size", "log_every",
-                  "image_size")
-    at_least_0 = ("subset", "epoch_size", "workers", "ckpt_every", "keep_every", "world_size",
-                  "pca_dim", "weight_decay", "momentum", "ckpt_minutes")
-    common.check_ranges(cfg, at_least_1, at_least_0)
+    common.check_ranges(cfg, at_least_1=("k", "super_clusters", "niter", "reassign", "epochs",
+                                         "batch_size", "log_every", "image_size"),
+                        at_least_0=("subset", "epoch_size", "workers", "ckpt_every", "keep_every",
+                                    "world_size", "pca_dim", "weight_decay", "momentum",
+                                    "ckpt_minutes", "pca_sample"),
+                        choices={"method": METHODS, "layout": ("replicated", "grouped"),
+                                 "reset_super_head": ("auto", "always", "never")})
     if not (cfg.lr > 0 and 0 < cfg.crop_min <= 1):
         raise UserError(f"--lr {cfg.lr} must be > 0 and --crop_min {cfg.crop_min} in (0, 1]")
-    choices = {"method": METHODS, "layout": ("replicated", "grouped"),
-               "reset_super_head": ("auto", "always", "never")}
-    for flag, allowed in choices.items():
-        if getattr(cfg, flag) not in allowed:
-            raise UserError(f"--{flag} {getattr(cfg, flag)!r}: use {' or '.join(allowed)}")
     if (cfg.epoch_size or cfg.batch_size) < cfg.batch_size:
-        raise UserError(f"--epoch_size {cfg.epoch_size} is less than one --batch_size "
-                        f"{cfg.batch_size}")
+        raise UserError(f"--epoch_size {cfg.epoch_size} is less than one --batch_size")
 
 
 def load_start(cfg, last):
     """-> (trunk, ck): the trunk of 04_train_last.pt when resuming (ck = that checkpoint), else the
-    init checkpoint's."""
+    init checkpoint's (ck = None)."""
     init = cfg.init or os.path.join(cfg.out_dir, "02_model_init.pt")
-    ck = None
-    if os.path.exists(last) and cfg.resume:
-        ck = common.load_ckpt(last, "04_train")
-        arch = m02.load_trunk(init)[0].arch() if os.path.exists(init) else ck["arch"]
-        diff = common.config_diff(ck["config"], cfg, COMPAT)
-        if ck["iteration"] > 0:  # mid-epoch: the saved plan and batches assume these too
-            diff += common.config_diff(ck["config"], cfg, COMPAT_MID_EPOCH)
-        for key in ("width", "sobel", "image_size", "fc_dim"):
-            there, now = ck["arch"].get(key), arch.get(key)
-            if there != now:
-                diff.append(f"trunk {key} {there!r} there vs {now!r} in --init")
-        if diff and not cfg.force:
-            raise UserError(f"{last} is from an incompatible run ({'; '.join(diff)}): use another "
-                            f"--out_dir, or --force to start afresh and overwrite it")
-        if diff:
-            common.log(f"--force: ignoring {last} ({'; '.join(diff)}); it will be overwritten")
-            ck = None
-    elif os.path.exists(last):
-        common.log(f"--no-resume: starting afresh; {last} will be overwritten")
+    arch = m02.load_trunk(init)[0].arch() if os.path.exists(init) else None
+    ck = common.resume_checkpoint(last, "04_train", cfg, COMPAT, COMPAT_MID_EPOCH, arch)
     if ck is not None:
         trunk = m02.build_model(ck["arch"])
         trunk.load_state_dict(ck["model"])
         return trunk, ck
-    if not os.path.exists(init):
+    if arch is None:
         raise UserError(f"{init} does not exist: run 02_model.py --out_dir {cfg.out_dir} first "
                         f"(or pass --init PATH)")
     return m02.load_trunk(init)[0], None
@@ -453,14 +405,12 @@ def main(cfg, on_iteration=None):
     check_flags(cfg)
     if cfg.show_layout:  # the grouped layout's rank table and head memory; no processes, no data
         return importlib.import_module("grouped").show_layout(cfg)
-    # grouped.py, §7
-    grouped = importlib.import_module("grouped") if cfg.layout == "grouped" else None
+    if cfg.plan:  # per-rank memory of this run (scale.py); no processes, no training
+        return importlib.import_module("scale").print_plan(cfg)
+    grouped = importlib.import_module("grouped") if cfg.layout == "grouped" else None  # §7
     rank, world, device = common.init_dist(cfg.device)
-    # bit-identical reruns and resumes (CUDA also needs the cuBLAS workspace setting)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    if cfg.deterministic:  # bit-identical reruns and resumes
+        common.set_deterministic()
     common.log(f"04_train: {dataclasses.asdict(cfg)} | {world} process(es) on {device}")
     source = data.make_source(cfg.data, "train", cfg.subset or None, cfg.seed)
     if (cfg.epoch_size or len(source)) < cfg.batch_size:
@@ -473,17 +423,15 @@ def main(cfg, on_iteration=None):
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
     net = Net(trunk, heads, cfg.sub_grad_scale).to(device, memory_format=fmt)
     # DIST: under torchrun, BatchNorm synced over all ranks, then DDP (or grouped.py's GroupedNet)
-    model = common.wrap_ddp(net, device) if groups is None else grouped.wrap(net, device, groups)
+    model = parallel.wrap_ddp(net, device) if groups is None else grouped.wrap(net, device, groups)
     sgd = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    # Sobel stays frozen
-    opts = (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),
+    opts = (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),  # no Sobel
             torch.optim.SGD(heads.parameters(), **sgd))
     # DEVIATION(paper): RandomResizedCrop keeps at least --crop_min = 50% of the image (paper: 8%),
     # because at 32 px an 8% crop is a 9x9-pixel patch whose rotation and cluster cannot be
     # predicted (README, deviations).
     torch.manual_seed(cfg.seed * 1000 + rank)  # the global torch RNG now only draws dropout masks
-    # a fresh run; the clustering methods get new heads again at their first clustering
-    if ck is None:
+    if ck is None:  # a fresh run (the clustering methods reset the heads again at epoch 0)
         reset_heads(heads, opts[1], torch.Generator(device).manual_seed(cfg.seed * 7919), True)
     else:
         if groups is None:
@@ -493,8 +441,7 @@ def main(cfg, on_iteration=None):
             grouped.load_heads(heads, opts[1], ck, groups)
         opts[0].load_state_dict(ck["optimizer"])
         for group in opts[0].param_groups + opts[1].param_groups:
-            # the flags win over the saved hyper-parameters (e.g. a lower --lr after a NaN)
-            group.update(sgd)
+            group.update(sgd)  # the flags win over the saved ones (e.g. a lower --lr after a NaN)
         common.set_rng_states(ck["rng"], rank, device)
     model.train()
     train(cfg, setup, source, trunk, heads, model, opts, ck, groups, on_iteration)

@@ -20,10 +20,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 FORMAT, VERSION = "deepercluster-edu", 1
 
@@ -194,6 +190,13 @@ def init_dist(device="auto"):
     return rank, world, dev
 
 
+def set_deterministic():
+    """torch.use_deterministic_algorithms, and what CUDA needs for it (the cuBLAS workspace)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def world_size(group=None):
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
@@ -257,8 +260,12 @@ def log(*args, **kw):
 
 
 # ---- flag checks: one line naming every bad value ----
-def check_ranges(cfg, at_least_1=(), at_least_0=()):
-    """One UserError listing every numeric flag out of range (NaN included), before any work."""
+def check_ranges(cfg, at_least_1=(), at_least_0=(), choices=None):
+    """One UserError listing every numeric flag out of range (NaN included), or naming a value that
+    is not among its choices ({flag: allowed values}), before any work."""
+    for flag, allowed in (choices or {}).items():
+        if getattr(cfg, flag) not in allowed:
+            raise UserError(f"--{flag} {getattr(cfg, flag)!r}: use {' or '.join(allowed)}")
     bad = [f"--{f} {getattr(cfg, f)}" for f in at_least_1 if not getattr(cfg, f) >= 1]
     bad += [f"--{f} {getattr(cfg, f)}" for f in at_least_0 if not getattr(cfg, f) >= 0]
     if bad:
@@ -272,6 +279,32 @@ def config_diff(old, cfg, keys):
     readable."""
     return [f"--{k} {old.get(k)!r} there vs {getattr(cfg, k)!r} now"
             for k in keys if old.get(k) != getattr(cfg, k)]
+
+
+def resume_checkpoint(path, stage, cfg, keys, mid_epoch_keys=(), arch=None):
+    """The checkpoint at `path` to resume from, or None: absent, --no-resume, or --force over an
+    incompatible one. Incompatible = another value of a setting in `keys` (or, when it stopped in
+    mid-epoch, in `mid_epoch_keys`), or a trunk architecture other than `arch` (when given): a
+    one-line UserError lists every difference, unless cfg.force."""
+    if not os.path.exists(path):
+        return None
+    if not cfg.resume:
+        log(f"--no-resume: starting afresh; {path} will be overwritten")
+        return None
+    ck = load_ckpt(path, stage)
+    diff = config_diff(ck["config"], cfg, keys)
+    if ck.get("iteration", 0) > 0:  # the saved plan and batches assume these too
+        diff += config_diff(ck["config"], cfg, mid_epoch_keys)
+    for key in ("width", "sobel", "image_size", "fc_dim") if arch else ():
+        if ck["arch"].get(key) != arch.get(key):
+            diff.append(f"trunk {key} {ck['arch'].get(key)!r} there vs {arch.get(key)!r} in --init")
+    if diff and not cfg.force:
+        raise UserError(f"{path} is from an incompatible run ({'; '.join(diff)}): use another "
+                        f"--out_dir, or --force to start afresh and overwrite it")
+    if diff:
+        log(f"--force: ignoring {path} ({'; '.join(diff)}); it will be overwritten")
+        return None
+    return ck
 
 
 def all_finite(modules):
@@ -362,75 +395,3 @@ class StopFlag:
 
     def saved(self):
         self.last_save = time.time()
-
-
-# ---- DIST: batch norm over the global batch, and the DDP wrap ----
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with training statistics over the global batch of all ranks (PAPER.md §7), for
-    CPU/gloo where torch.nn.SyncBatchNorm refuses to run. Each rank computes centred statistics
-    (count n_r, mean m_r, M2_r = sum (x - m_r)^2); two differentiable all-reduces combine them:
-    mean = sum n_r m_r / n, M2 = sum M2_r + n_r (m_r - mean)^2. One-pass E[x^2] - mean^2 would
-    lose every digit when |mean| >> std (float32)."""
-
-    def _check_input_dim(self, x):
-        pass  # (N, C), (N, C, L) and (N, C, H, W) all work
-
-    def forward(self, x):
-        if not self.training:  # eval: running statistics, nothing to synchronise
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
-        C = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        n_r = torch.tensor([x.numel() / C], dtype=torch.float32, device=x.device)
-        m_r = xf.mean(dims)  # (C,) this rank's mean
-        shape = [1, C] + [1] * (x.dim() - 2)
-        M2_r = ((xf - m_r.view(shape)) ** 2).sum(dims)  # (C,) centred on this rank's mean
-        first = dist_nn.all_reduce(torch.cat([n_r * m_r, n_r]))  # (C + 1,) summed over ranks
-        n = first[-1]
-        mean = first[:C] / n
-        # (C,) biased: normalises the batch
-        var = dist_nn.all_reduce(M2_r + n_r * (m_r - mean) ** 2) / n
-        # running statistics exactly like nn.BatchNorm: momentum 0.1, unbiased variance
-        with torch.no_grad():
-            self.running_mean.copy_(self.momentum * mean
-                                    + (1 - self.momentum) * self.running_mean)
-            self.running_var.copy_(self.momentum * var * n / (n - 1)
-                                   + (1 - self.momentum) * self.running_var)
-            self.num_batches_tracked += 1
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
-
-
-def convert_sync_bn(module):
-    """Swap every BatchNorm1d/2d inside `module` for SyncBatchNorm, sharing its parameters and
-    buffers."""
-    for name, child in module.named_children():
-        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            new = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, True)
-            new.train(child.training)
-            new.weight, new.bias = child.weight, child.bias
-            new.running_mean, new.running_var = child.running_mean, child.running_var
-            new.num_batches_tracked = child.num_batches_tracked
-            setattr(module, name, new)
-        else:
-            convert_sync_bn(child)
-    return module
-
-
-def sync_bn(net, device):
-    """Batch norm synced over all ranks: torch's SyncBatchNorm on GPU, ours on CPU. Identity in
-    one process."""
-    if world_size() == 1:
-        return net
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    return convert_sync_bn(net)
-
-
-def wrap_ddp(net, device):
-    """Under torchrun: synced batch norm, then DDP (gradients averaged over ranks). Identity in one
-    process."""
-    if world_size() == 1:
-        return net
-    return DDP(sync_bn(net, device), device_ids=[device] if device.type == "cuda" else None)

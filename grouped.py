@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import common
+import parallel
 from common import UserError
 
 m02 = importlib.import_module("02_model")  # 02_model.py: the heads' init
@@ -145,7 +146,7 @@ def wrap(net, device, groups):
     """Under torchrun: batch norm synced over ALL ranks (not inside a group), then GroupedNet."""
     if groups.world == 1:
         return net
-    return GroupedNet(common.sync_bn(net, device), groups)
+    return GroupedNet(parallel.sync_bn(net, device), groups)
 
 
 def group_batches(plan_s, batch_size, rank, world, S, start=0):
@@ -282,47 +283,65 @@ def cluster_groups(m):
             else None)
 
 
+def _exchange(t, send, recv):
+    """DIST: send send[r] rows of t (in order) to rank r, and get recv[r] rows from rank r ->
+    (sum(recv), ...) in rank order (torch.distributed.all_to_all_single; gloo and nccl)."""
+    out = t.new_empty((sum(recv),) + tuple(t.shape[1:]))
+    dist.all_to_all_single(out, t.contiguous(), recv, send)
+    return out
+
+
 def level2_in_groups(x, u, n_u, k_s, niter, seed, backend, groups):
     """two_level's level 2 with super-cluster v clustered by the ranks of groups[v] only -> (z of
     this rank's points, centroids_sub (m, k_s, D), clusters split, objective_sub (niter+1,), small
-    super-clusters): the values of the all-ranks loop, because group v's ranks hold contiguous
-    shares of v's members in index order (the order of that loop's x[mem]) and kmeans(group=)
-    gives one process's result on the concatenated shares."""
-    m, rank, D = len(groups), common.get_rank(), x.shape[1]
-    C = common.world_size() // m
+    super-clusters): the values of the all-ranks loop, because rank j of group v receives the j-th
+    contiguous share of v's members in index order (the order of that loop's x[mem]) and
+    kmeans(group=) gives one process's result on the concatenated shares.
+    Memory per rank, beyond the shard x (n, D): one super-cluster's members of x at a time (the
+    send buffer, about n/m rows) and the received share (n_v/C rows; about n when the
+    super-clusters are balanced), then the k-means buffers of that share; never all N x D."""
+    m, rank, world, D = len(groups), common.get_rank(), common.world_size(), x.shape[1]
+    C = world // m  # ranks per clustering group
     v, j = rank // C, rank % C  # my super-cluster, my place in its clustering group
-    # Redistribute: level 1 puts v's members on any rank. Gather all points (every rank already
-    # holds all of phi (N, d) from extract_features, so this at most doubles that), then take this
-    # rank's share of v's members.
-    # (N, D), (N,) in index order
-    x_all, u_all = common.all_gather_cat(x), common.all_gather_cat(u)
-    # (n_v,) global indices of v's members
-    N, mem = len(u_all), (u_all == v).nonzero().squeeze(1)
-    lo, hi = j * len(mem) // C, (j + 1) * len(mem) // C
-    mine = mem[lo:hi]  # (about n_v/C,) this rank's share
+    N = int(n_u.sum())
+    # held[r, w]: rank r's members of w; they are places before[r, w] .. + held[r, w] - 1 of w's
+    # member list (index order = rank order, then each rank's order)
+    held = common.all_gather_cat(torch.bincount(u, minlength=m)[None]).cpu()  # (world, m)
+    before = held.cumsum(0) - held  # (world, m)
+    cut = torch.arange(C + 1) * n_u[:, None] // C  # (m, C+1): rank i of group w gets cut[w, i:i+2]
+    start, end = before[:, :, None], (before + held)[:, :, None]  # (world, m, 1)
+    # moved[r, w, i]: rows that rank r sends to rank i of group w, rank w*C + i
+    moved = (torch.minimum(end, cut[:, 1:]) - torch.maximum(start, cut[:, :-1])).clamp_min(0)
+    for w in range(m):  # one round per super-cluster: the send buffer holds one of them
+        send = torch.zeros(m, C, dtype=torch.int64)
+        send[w] = moved[rank, w]
+        recv = moved[:, v, j] if w == v else torch.zeros(world, dtype=torch.int64)
+        got = _exchange(x[u == w], send.flatten().tolist(), recv.tolist())  # (sum(recv), D)
+        if w == v:
+            x_v = got  # (about n_v/C, D) my share of v's members, in index order
     c_sub = torch.zeros(m, k_s, D, device=x.device)
     # [objective_sub (niter+1), clusters split]
     stats = torch.zeros(niter + 2, dtype=torch.float64, device=x.device)
     # a small super-cluster, as in two_level's loop: one sub-class per point, in index order
     if n_u[v] < k_s:
-        z_mine = torch.arange(lo, hi, device=x.device)
+        z_v = torch.arange(int(cut[v, j]), int(cut[v, j + 1]), device=x.device)
+        x_all = common.all_gather_cat(x_v, groups[v])  # (n_v, D), tiny: n_v < k_s
         if j == 0:
-            c_sub[v, : n_u[v]] = x_all[mem]
+            c_sub[v, : n_u[v]] = x_all
     else:
-        c, z_mine, st = m03.kmeans(x_all[mine], k_s, niter, seed + 1 + v, backend,
-                                   group=groups[v])  # group v
+        c, z_v, st = m03.kmeans(x_v, k_s, niter, seed + 1 + v, backend, group=groups[v])
         # the group's first rank reports its centroids and stats (the same on all the group's
         # ranks)
         if j == 0:
             c_sub[v] = c
             stats[:-1] = torch.tensor(st["objective"], dtype=torch.float64) * n_u[v].item() / N
             stats[-1] = st["n_empty_split"]
-    # Back to all ranks: every rank's (index, sub-class) pairs; the centroids and stats of the
-    # groups' first ranks.
-    z_all = torch.zeros_like(u_all)  # (N,)
-    z_all[common.all_gather_cat(mine)] = common.all_gather_cat(z_mine)
+    # Back to the ranks that sent the points: rank (w, i) returns the z of the rows it got, so
+    # this rank gets its rows' z sorted by (u, index)
+    z = torch.empty_like(u)
+    z[torch.argsort(u, stable=True)] = _exchange(z_v, moved[:, v, j].tolist(),
+                                                 moved[rank].flatten().tolist())
     common.all_reduce_sum(c_sub)
     common.all_reduce_sum(stats)
-    start = int(common.all_gather_cat(torch.tensor([x.shape[0]], device=x.device))[:rank].sum())
     small = [w for w in range(m) if n_u[w] < k_s]
-    return z_all[start:start + x.shape[0]], c_sub, int(stats[-1]), stats[:-1].cpu().numpy(), small
+    return z, c_sub, int(stats[-1]), stats[:-1].cpu().numpy(), small

@@ -16,7 +16,7 @@ alike). A ratio is the median over rounds of the two steps' time ratio in that r
    ReLU, dropout, fc7 d -> d), then ReLU and a plain k-way head (target: 04 step >= 0.9 of bare).
    torchvision's default 7x7 avgpool would copy the 1x1 conv13 map 49 times at 32 px.
 3. Data loading: 01_data.RotationDataset on the demo's Fashion-MNIST subset through a DataLoader
-   with the demo's workers and 04_train.rank_batches, alone, against the 04 step (target >= 1.5x).
+   with the demo's workers and parallel.rank_batches, alone, against the 04 step (target >= 1.5x).
 Run:    python bench/bench_train.py [--width 0.25 --image_size 32 --batch 64 --reps 10 --device cpu]
 Writes: bench/RESULTS.md (appends a section; --results elsewhere)
 """
@@ -38,7 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 data = importlib.import_module("01_data")  # 01_data.py: sources, RotationDataset
 m02 = importlib.import_module("02_model")  # 02_model.py: VGG trunk, Heads, hierarchical_loss
-t4 = importlib.import_module("04_train")  # 04_train.py: Net, train_step, rank_batches
+t4 = importlib.import_module("04_train")  # 04_train.py: Net, train_step
+parallel = importlib.import_module("parallel")  # parallel.py: rank_batches
 
 
 class TrunkPlain(nn.Module):
@@ -191,7 +192,7 @@ def main(argv=None):
         ds = data.RotationDataset(src, a.image_size, 0)
         ds.set_plan(0, torch.randperm(len(src), generator=g).numpy(), None)
         n_batches = min(40, len(ds) // B)
-        batches = t4.rank_batches(len(ds), B, 0, 1)[:n_batches]
+        batches = parallel.rank_batches(len(ds), B, 0, 1)[:n_batches]
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=a.workers,
                                              generator=torch.Generator())
         it = iter(loader)

@@ -17,6 +17,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import parallel  # noqa: E402
 
 t4 = importlib.import_module("04_train")  # 04_train.py
 m02 = importlib.import_module("02_model")  # 02_model.py
@@ -45,7 +46,7 @@ def bn_case(kind):
 
 def sync_bn_worker(kind, rank, world):
     bn, x, dy = bn_case(kind)
-    sbn = common.convert_sync_bn(nn.Sequential(copy.deepcopy(bn)))[0]
+    sbn = parallel.convert_sync_bn(nn.Sequential(copy.deepcopy(bn)))[0]
     xs = x[rank::world].clone().requires_grad_()  # this rank's strided share of the global batch
     y = sbn(xs)
     (y * dy[rank::world]).sum().backward()  # d/dx of the GLOBAL sum(y * dy): the all-reduce's backward sums ranks
@@ -64,14 +65,14 @@ def training_steps(rank, world):
             # that 1 process draws for the same samples; everything else is the same computation.
             mod.p = 0.0
     heads = m02.Heads(trunk.feature_dim, 8, 4, generator=torch.Generator().manual_seed(3))
-    model = common.wrap_ddp(t4.Net(trunk, heads), torch.device("cpu"))
+    model = parallel.wrap_ddp(t4.Net(trunk, heads), torch.device("cpu"))
     sgd = dict(lr=0.05, momentum=0.9, weight_decay=1e-5)
     opts = (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),
             torch.optim.SGD(heads.parameters(), **sgd))
     x = torch.randn(STEPS * N_GLOBAL, 3, 32, 32, generator=g)
     s, z = torch.randint(8, (STEPS * N_GLOBAL,), generator=g), torch.randint(4, (STEPS * N_GLOBAL,), generator=g)
     losses = []
-    for pos in t4.rank_batches(STEPS * N_GLOBAL, N_GLOBAL, rank, world):
+    for pos in parallel.rank_batches(STEPS * N_GLOBAL, N_GLOBAL, rank, world):
         sums = t4.train_step(model, opts, x[pos], s[pos], z[pos])
         losses.append((sums[:-1] / sums[-1]).tolist())  # global means of the 6 KEYS
     return {"losses": losses, "trunk": trunk.state_dict(), "heads": heads.state_dict()}
@@ -85,6 +86,7 @@ def worker(out):
     if rank == 0:
         torch.save(res, out)
     common.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left at teardown
 
 
 # ---- the tests ----

@@ -143,6 +143,7 @@ def worker(out):
     if rank == 0:
         torch.save(res, os.path.join(out, "res.pt"))
     common.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left at teardown
 
 
 # ---- the tests ----

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import common
+import parallel
 
 t4 = importlib.import_module("04_train")  # 04_train.py
 m02 = importlib.import_module("02_model")  # 02_model.py
@@ -161,13 +162,13 @@ def test_head_reset(reset_V):
 
 # ---- the distributed helpers, single-process checks (2-process ones in test_dist_train.py) ----
 def test_rank_batches_union_is_global_batch():
-    one = t4.rank_batches(100, 8, 0, 1)
-    two = [t4.rank_batches(100, 8, r, 2, start=3) for r in range(2)]
+    one = parallel.rank_batches(100, 8, 0, 1)
+    two = [parallel.rank_batches(100, 8, r, 2, start=3) for r in range(2)]
     assert len(one) == 12 and one[0] == list(range(8))  # the incomplete last batch is dropped
     for b, (a0, a1) in enumerate(zip(*two), start=3):
         assert sorted(a0 + a1) == one[b] and len(a0) == len(a1) == 4
     with pytest.raises(common.UserError, match="multiple"):
-        t4.rank_batches(100, 9, 0, 2)
+        parallel.rank_batches(100, 9, 0, 2)
 
 
 def test_convert_sync_bn_keeps_weights():
@@ -177,8 +178,8 @@ def test_convert_sync_bn_keeps_weights():
     params = [id(p) for p in net.parameters()]
     x = torch.randn(6, 3, 3, 3)
     ref = net.eval()(x)
-    common.convert_sync_bn(net)
-    assert isinstance(net[1], common.SyncBatchNorm) and isinstance(net[4], common.SyncBatchNorm)
+    parallel.convert_sync_bn(net)
+    assert isinstance(net[1], parallel.SyncBatchNorm) and isinstance(net[4], parallel.SyncBatchNorm)
     assert [id(p) for p in net.parameters()] == params  # the optimizer's parameters are still the model's
     assert torch.equal(net(x), ref)  # eval mode: running statistics, nothing to synchronise
 
