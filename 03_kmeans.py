@@ -279,14 +279,14 @@ def two_level(x, k, m, niter=10, seed=0, backend="auto", groups=None):
     k_s = k // m  # Eq. (7)
     c_super, u, st1 = kmeans(x, m, niter, seed, backend)  # level 1 (m = 1: u = 0, the mean)
     n_u = _sums_counts(x[:, :0], u, m)[1].long().cpu()  # (m,) global super-cluster sizes
-    z = torch.zeros_like(u)
-    c_sub = torch.zeros(m, k_s, x.shape[1], device=x.device)
     small, split_sub, obj_sub = [], 0, np.zeros(niter + 1)
     if groups is not None and k_s > 1:  # DIST: --layout grouped, each u in its own group of ranks
         grouped = importlib.import_module("grouped")  # grouped.py: the paper's layout, PAPER.md §7
         z, c_sub, split_sub, obj_sub, small = grouped.level2_in_groups(x, u, n_u, k_s, niter,
                                                                        seed, backend, groups)
     else:
+        z = torch.zeros_like(u)
+        c_sub = torch.zeros(m, k_s, x.shape[1], device=x.device)  # (m, k_s, D)
         for v in range(m):  # the same loop on every rank: the collectives inside stay in step
             mem = (u == v).nonzero().squeeze(1)
             if n_u[v] < k_s:

@@ -260,21 +260,18 @@ def epoch_loader(cfg, ds, epoch, plan, it, super_, rotate, S, groups, pin=False)
 
 
 def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, on_iteration=None):
-    """Train until cfg.epochs, from checkpoint `ck` when resuming. Every iteration is resumable: the
-    variables below are what 04_train_last.pt holds. on_iteration(epoch, iteration), optional, is
-    called after every step (tests send signals from it at exact points)."""
-    device = next(trunk.parameters()).device
-    last = os.path.join(cfg.out_dir, "04_train_last.pt")
+    """Train until cfg.epochs (from checkpoint `ck` when resuming); 04_train_last.pt holds the
+    variables below. on_iteration(epoch, it): called after every step (tests signal from it)."""
+    device, last = next(trunk.parameters()).device, os.path.join(cfg.out_dir, "04_train_last.pt")
     ds = data.RotationDataset(source, cfg.image_size, cfg.seed, crop_scale=(cfg.crop_min, 1.0))
-    E = cfg.epoch_size or len(source)  # images per epoch
+    E = cfg.epoch_size or len(source)  # images per epoch, n_iter steps
     n_iter = E // cfg.batch_size
     S, rotate = setup["S"], setup["rotate"]
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
     # clusters: the current round's labels u (super) and z (sub) of every image, PCA, centroids;
     # plan: the epoch's (indices, rotations), None between epochs; sums: the epoch's metric sums.
     if ck is None:
-        epoch, it, plan, metrics, seconds, round_stats = 0, 0, None, [], 0.0, {}
-        sums = torch.zeros(7, dtype=torch.float64)
+        epoch, it, plan, metrics, seconds, round_stats, sums = 0, 0, None, [], 0.0, {}, None
         clusters = dict.fromkeys(CLUSTERS)
         if not setup["cluster"]:  # rotnet / supervised: fixed labels
             clusters["super"] = torch.from_numpy(setup["super"])

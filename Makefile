@@ -9,7 +9,7 @@ REQ_SHA := $(shell sha256sum requirements.txt | cut -c1-16)
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 OUT     ?= out/demo
 
-.PHONY: venv data demo test bench reproduce clean
+.PHONY: venv data demo test bench reproduce clean gpu
 
 # (Re)create the venv only when requirements.txt changed since it was built.
 venv:
@@ -49,6 +49,16 @@ bench: venv data
 
 reproduce: venv data
 	$(VPY) scripts/reproduce.py --data fashion-mnist --jobs 2
+
+# GPU machines: swap the pinned faiss-cpu for the CUDA faiss wheel in .venv, so that 03_kmeans's
+# E-step (--kmeans_backend auto/faiss) and faiss.Kmeans run on the GPU. Needs internet (PyPI) and a
+# CUDA machine with an NVIDIA driver for CUDA 12; never keep both wheels (they share one package
+# folder). `make venv` puts faiss-cpu back only when requirements.txt changes. Then run
+# `bash bench/gpu_check.sh`. FAISS_GPU=... picks another wheel (e.g. faiss-gpu-cu13-cuvs).
+FAISS_GPU ?= faiss-gpu-cu12
+gpu: venv
+	$(VENV)/bin/pip uninstall -y faiss-cpu && $(VENV)/bin/pip install $(FAISS_GPU)
+	$(VPY) -c "import faiss; print('faiss', faiss.__version__, 'sees', faiss.get_num_gpus(), 'GPU(s)')"
 
 clean:
 	rm -rf out .pytest_cache

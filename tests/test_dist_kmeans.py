@@ -1,6 +1,8 @@
 """2 processes (torchrun, gloo on CPU) give the single-process result: kmeans, two_level and cluster() (PAPER.md §7, §11
 pitfall 2). The test launches this file under torchrun; each rank holds a contiguous shard (uneven sizes, empty
-clusters, a small super-cluster absent from rank 0), and rank 0 saves the gathered result for the comparison."""
+clusters, a small super-cluster absent from rank 0), and rank 0 saves the gathered result for the comparison.
+cluster() runs end to end (features -> PCA -> two_level) on each rank's shard of the images, with the PCA fitted on
+all rows and on a sample P of 40 of the 96 rows (pca_sample < N: P is gathered from both ranks' shards)."""
 import importlib
 import os
 import socket
@@ -44,11 +46,21 @@ def run_all(x, k, m):
 
 
 def run_cluster():
-    from test_kmeans import Cfg, TinySource, TinyTrunk  # the stand-in trunk and source of the unit tests
-    torch.manual_seed(0)
-    r = km.cluster(TinyTrunk(), TinySource(), Cfg, torch.device("cpu"))
-    return {key: torch.as_tensor(r[key]).numpy() for key in ("super", "sub", "centroids_super", "centroids_sub",
-                                                                "pca_mean", "pca_proj")}
+    from test_kmeans import Cfg, CfgSample, TinySource, TinyTrunk  # the stand-in trunk and source of the unit tests
+    out = {}
+    for name, cfg in (("cluster", Cfg), ("cluster_sample", CfgSample)):
+        torch.manual_seed(0)
+        r = km.cluster(TinyTrunk(), TinySource(), cfg, torch.device("cpu"))
+        out |= {f"{name}/{key}": torch.as_tensor(r[key]).numpy()
+                for key in ("super", "sub", "centroids_super", "centroids_sub", "pca_mean", "pca_proj")}
+    return out
+
+
+def shard_rows():
+    """Rows of fc7 that extract_features returns on this rank: its shard only, never all N."""
+    from test_kmeans import TinySource, TinyTrunk
+    views = importlib.import_module("01_data").ClusterDataset(TinySource(), 16)
+    return len(km.extract_features(TinyTrunk(), views, 32, "cpu"))
 
 
 def worker(out):
@@ -56,9 +68,10 @@ def worker(out):
     rank, world, _ = common.init_dist("cpu")
     assert world == 2
     res = {f"{name}/{key}": v for name, (x, k, m) in problems().items() for key, v in run_all(x, k, m).items()}
-    res |= {f"cluster/{key}": v for key, v in run_cluster().items()}
+    res |= run_cluster()
+    rows = common.all_gather_cat(torch.tensor([shard_rows()]))  # (2,) one count per rank
     if rank == 0:
-        np.savez(out, **res)
+        np.savez(out, **res, shard_rows=rows.numpy())
     torch.distributed.destroy_process_group()
 
 
@@ -77,8 +90,9 @@ def test_two_processes_equal_one(tmp_path):
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     got = dict(np.load(out))
+    assert got.pop("shard_rows").tolist() == [48, 48]  # each rank extracted its half of the 96 images
     ref = {f"{name}/{key}": v for name, (x, k, m) in problems().items() for key, v in run_all(x, k, m).items()}
-    ref |= {f"cluster/{key}": v for key, v in run_cluster().items()}
+    ref |= run_cluster()
     assert set(got) == set(ref)
     for key in ref:
         if ref[key].dtype == np.int64:  # labels and counts: exactly equal
@@ -86,6 +100,7 @@ def test_two_processes_equal_one(tmp_path):
         else:  # centroids, objectives, PCA: equal up to float summation order
             assert np.allclose(got[key], ref[key], rtol=1e-4, atol=1e-5), key
     assert got["dup_kmeans/n_empty_split"] > 0  # the empty-cluster policy ran on the shards
+    assert not np.allclose(got["cluster/pca_mean"], got["cluster_sample/pca_mean"])  # P is not all rows
     sizes = np.bincount(got["dup_kmeans/labels"], minlength=12)
     assert sizes.sum() == 45 and (sizes > 0).all()
 

@@ -7,7 +7,8 @@
   stacked format: loading it back gives every rank its rows, and it loads into one process;
 - 04_train.main runs grouped for an epoch, resumes grouped, refuses N = 4 for S = 8, and its checkpoint resumes in
   one process (replicated);
-- level 2 of the k-means inside the clustering groups (grouped.level2_in_groups) equals the single-process two_level;
+- level 2 of the k-means inside the clustering groups (grouped.level2_in_groups) equals the single-process two_level,
+  and each rank receives only its share of its super-cluster's points (no rank gathers all N x D);
 - --show_layout prints the N = 16 / S = 16 table and the memory note, no processes (and refuses N = 12).
 
 This file is also the torchrun worker: `torchrun --nproc_per_node=4 tests/test_grouped.py OUT_DIR`."""
@@ -116,8 +117,21 @@ def cluster_problems():
 def two_level(x, k, m, grouped):
     rank, world, N = common.get_rank(), common.world_size(), len(x)
     shard = torch.from_numpy(x[rank * N // world:(rank + 1) * N // world])  # contiguous shards, as 03.cluster has them
-    r = km.two_level(shard, k, m, niter=4, seed=7, groups=gl.cluster_groups(m) if grouped else None)
-    return {"super": common.all_gather_cat(r["super"]), "sub": common.all_gather_cat(r["sub"]),
+    exchange, received = gl._exchange, []
+
+    def counted(t, send, recv):  # grouped._exchange, counting the feature rows this rank receives
+        out = exchange(t, send, recv)
+        if t.is_floating_point():
+            received.append(len(out))
+        return out
+
+    gl._exchange = counted
+    try:
+        r = km.two_level(shard, k, m, niter=4, seed=7, groups=gl.cluster_groups(m) if grouped else None)
+    finally:
+        gl._exchange = exchange
+    return {"received": common.all_gather_cat(torch.tensor([sum(received)])),  # (world,) feature rows received
+            "super": common.all_gather_cat(r["super"]), "sub": common.all_gather_cat(r["sub"]),
             "centroids_sub": r["centroids_sub"], "objective_sub": torch.tensor(r["stats"]["objective_sub"]),
             "n_empty_split": torch.tensor(r["stats"]["n_empty_split"]),
             "n_small_super": torch.tensor(r["stats"]["n_small_super"])}
@@ -222,6 +236,10 @@ def test_grouped_level2_equals_single_process(four_ranks):
         assert int(got["n_empty_split"]) == int(ref["n_empty_split"]), name
         assert name != "m2_dup" or int(got["n_empty_split"]) > 0  # the empty-cluster paths ran inside the groups
         assert int(got["n_small_super"]) == int(ref["n_small_super"]) == (name == "m2_small"), name
+        # the redistribution: rank j of group v received the j-th of C contiguous shares of v's members, nothing more
+        C, n_v = WORLD // m, torch.bincount(ref["super"], minlength=m)
+        share = [(r % C + 1) * int(n_v[r // C]) // C - (r % C) * int(n_v[r // C]) // C for r in range(WORLD)]
+        assert got["received"].tolist() == share and sum(share) == len(x), name
         print(f"\n[level 2 in groups, {name}: k = {k}, m = {m}] labels equal; max |diff| centroids "
               f"{max_diff(got['centroids_sub'], ref['centroids_sub']):.2e}")
 

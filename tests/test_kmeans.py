@@ -80,6 +80,25 @@ def test_torch_and_faiss_backends_agree(gm):
     assert np.allclose(s1["objective"], s2["objective"], rtol=1e-5)
 
 
+def test_kmeans_in_small_chunks_matches_numpy(monkeypatch):
+    """CHUNK = 40 values: E-step chunks of 40 // max(k, D) = 2 rows, M-step sums over chunks of 2 rows, the
+    objective after the empty-cluster fix in chunks: the same Lloyd as the NumPy brute force, and the same as
+    one chunk."""
+    x, y = mixture(n=301, D=16, k=8, seed=4)
+    seed = good_seed(y, 8)
+    ref = km.kmeans(x, 8, niter=4, seed=seed, backend="torch")
+    monkeypatch.setattr(km, "CHUNK", 40)
+    c, a, st = km.kmeans(x, 8, niter=4, seed=seed, backend="torch")
+    a_np, obj_np = lloyd_np(x, x[init_indices(len(x), 8, seed)], 4)
+    assert (a.numpy() == a_np).all() and torch.equal(a, ref[1])
+    assert torch.allclose(c, ref[0], atol=1e-6) and np.allclose(st["objective"], ref[2]["objective"], rtol=1e-6)
+    assert abs(st["objective"][-1] - obj_np) <= 1e-5 * obj_np
+    dup = np.repeat(np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32), 10, axis=0)
+    c, a, st = km.kmeans(dup, 20, niter=4, seed=0, backend="torch")  # empty clusters to the end
+    assert st["n_empty_final"] > 0  # the objective was recomputed, in chunks, after moving points
+    assert st["objective"][-1] == pytest.approx(((dup - c[a].numpy()) ** 2).sum(1).mean(), abs=1e-6)
+
+
 def test_kmeans_deterministic_and_distinct_init():
     x, _ = mixture(n=300, seed=1)
     r1, r2 = km.kmeans(x, 10, niter=3, seed=5), km.kmeans(x, 10, niter=3, seed=5)
@@ -155,14 +174,11 @@ def test_pca_whitening_identity_covariance_and_unit_norm():
     assert torch.allclose(km.apply_pca(x, m0, p0), torch.nn.functional.normalize(torch.from_numpy(x), dim=1))
 
 
-def test_pca_rank_deficient_and_sample():
+def test_pca_rank_deficient():
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(500, 3)) @ rng.normal(size=(3, 10))).astype(np.float32)  # rank 3 in 10 dims
     mean, proj = km.fit_pca(x, 6)
     assert torch.isfinite(proj).all() and torch.isfinite(km.apply_pca(x, mean, proj)).all()  # floor 1e-5 max λ
-    m1, p1 = km.fit_pca(x, 2, sample=100, seed=0)
-    m2, p2 = km.fit_pca(x, 2, sample=100, seed=0)
-    assert torch.equal(m1, m2) and torch.equal(p1, p2) and not torch.allclose(m1, torch.from_numpy(x.mean(0)))
 
 
 def test_pca_eigenvalue_floor_matches_numpy():
@@ -193,7 +209,7 @@ def test_guard_rails(capsys):
     with pytest.raises(common.UserError, match=r"--pca_dim 9 must be in 0\.\.8 \(feature dimension 8"):
         km.fit_pca(x, 9)  # > d
     with pytest.raises(common.UserError, match=r"--pca_dim 8 must be in 0\.\.5 .* 5 samples"):
-        km.fit_pca(x, 8, sample=5)  # > samples
+        km.fit_pca(x[:5], 8)  # > samples
     km.fit_pca(x, 8)  # 30 samples >= 8·7/2 = 28: no warning
     assert "warning" not in capsys.readouterr().out
     km.check_pca(64, 512, 1000)
@@ -291,6 +307,10 @@ class Cfg:
     batch_size, workers, kmeans_backend = 32, 0, "auto"
 
 
+class CfgSample(Cfg):
+    pca_sample = 40  # of N = 96 rows (>= D(D-1)/2 = 28 for pca_dim 8)
+
+
 def test_cluster_and_save(tmp_path):
     torch.manual_seed(0)
     model, src = TinyTrunk(), TinySource()
@@ -313,6 +333,20 @@ def test_cluster_and_save(tmp_path):
     assert z["super"].dtype == np.int64 and os.path.exists(js)
     res2 = km.cluster(model, src, Cfg, torch.device("cpu"), prev=z, epoch=1)
     assert 0 <= res2["diagnostics"]["nmi_prev"] <= 1
+
+
+def test_cluster_pca_sample(capsys):
+    """pca_sample < N: the PCA is fitted on the seeded sample P of the rows alone (the rows chosen as
+    np.random.default_rng(seed).choice(N, |P|, replace=False), sorted: the same rows on any number of ranks)."""
+    torch.manual_seed(0)
+    model, src = TinyTrunk(), TinySource()
+    res = km.cluster(model, src, CfgSample, torch.device("cpu"))
+    feats = km.extract_features(model, importlib.import_module("01_data").ClusterDataset(src, 16), 32, "cpu")
+    rows = np.sort(np.random.default_rng(CfgSample.seed).choice(96, 40, replace=False))
+    mean, proj = km.fit_pca(feats[rows], CfgSample.pca_dim)
+    assert torch.equal(res["pca_mean"], mean) and torch.equal(res["pca_proj"], proj)
+    assert not torch.allclose(res["pca_mean"], feats.mean(0), atol=1e-4)  # not all 96 rows
+    assert "feature shard: 96 x 24 float32" in capsys.readouterr().out
 
 
 def test_main_script(tmp_path, capsys):
