@@ -16,14 +16,12 @@ Run:    python 03_kmeans.py --out_dir out/demo --k 160 --super_clusters 4
 Uses:   01_data.make_source, 01_data.ClusterDataset, 02_model.load_trunk
 """
 import dataclasses
-import functools
 import importlib
 import os
 import time
 
 import numpy as np
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -38,6 +36,7 @@ except ImportError:
 CHUNK = 2 ** 24  # values per temporary in the loops over chunks of rows below (64 MB in fp32)
 data = importlib.import_module("01_data")  # 01_data.py: sources and the clustering transform
 model_lib = importlib.import_module("02_model")  # 02_model.py: load_trunk (φ = fc7 before ReLU)
+report = importlib.import_module("report")  # report.py: the clustering diagnostics (NMI, sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,31 +307,6 @@ def two_level(x, k, m, niter=10, seed=0, backend="auto", groups=None):
     return dict(super=u, sub=z, centroids_super=c_super, centroids_sub=c_sub, k_s=k_s, stats=stats)
 
 
-# ---- Diagnostics: cluster sizes; NMI, Eq. (18), against the previous round and the labels ----
-def _flat(res):
-    """u·k_s + z as int64 numpy, from a cluster()/two_level dict or a 03_kmeans.npz."""
-    return int(res["k_s"]) * np.asarray(res["super"], np.int64) + np.asarray(res["sub"], np.int64)
-
-
-# Eq. (18)  NMI(A, B) = I(A; B) / √(H(A)·H(B)), the geometric mean (not scikit-learn's default)
-def diagnostics(res, labels=None, prev=None):
-    """Sizes of the k = m·k_s clusters, res["stats"], NMI against prev and the labels."""
-    nmi = functools.partial(normalized_mutual_info_score, average_method="geometric")
-    flat = _flat(res)
-    m = len(res["centroids_super"])
-    sizes = np.bincount(flat, minlength=m * res["k_s"])
-    out = {"n_images": len(flat), "k": len(sizes), "m": m, "k_s": res["k_s"], **res["stats"]}
-    out["sizes"] = {"min": int(sizes.min()), "median": float(np.median(sizes)),
-                    "max": int(sizes.max()), "n_empty": int((sizes == 0).sum())}
-    if prev is not None:  # stability between consecutive rounds; None when N changed
-        p = _flat(prev)
-        out["nmi_prev"] = nmi(p, flat) if len(p) == len(flat) else None
-    if labels is not None:  # quality against the true classes
-        out["nmi_labels"] = nmi(labels, flat)
-        out["ari_labels"] = adjusted_rand_score(labels, flat)
-    return out
-
-
 # ---- The whole stage, in-process (04_train.py calls this every T epochs) ----
 def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None, m=None):
     """features -> PCA -> two_level, each rank on its shard of the images -> two_level's dict (on
@@ -374,7 +348,8 @@ def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None, m=No
     res |= {key: res[key].cpu() for key in ("centroids_super", "centroids_sub")}
     res |= dict(pca_mean=mean.cpu(), pca_proj=proj.cpu())
     res["stats"] |= dict(epoch=epoch, seconds_features=t1 - t0, seconds_kmeans=time.time() - t1)
-    res["diagnostics"] = diagnostics(res, getattr(source, "labels", None), prev)
+    # sizes, NMI (Eq. (18)) against the previous round and the labels: report.py
+    res["diagnostics"] = report.diagnostics(res, getattr(source, "labels", None), prev)
     return res
 
 
@@ -404,13 +379,7 @@ def main(cfg):
     prev = common.load_npz(prev_path) if os.path.exists(prev_path) else None  # for nmi_prev
     res = cluster(model.to(device), source, cfg, device, prev=prev)
     common.log("wrote " + ", ".join(save_clustering(res, cfg.out_dir)))
-    dg, nan = res["diagnostics"], float("nan")
-    obj = dg["objective"] or dg["objective_sub"] or [nan]
-    nmi = [nan if dg.get(key) is None else dg[key] for key in ("nmi_labels", "nmi_prev")]
-    common.log(f"03_kmeans: N {dg['n_images']} | k {cfg.k} = m {dg['m']} x k_s {dg['k_s']} | "
-               f"objective {obj[0]:.4f} -> {obj[-1]:.4f} | empty split {dg['n_empty_split']} | "
-               f"sizes {dg['sizes']['min']}..{dg['sizes']['max']} | NMI labels {nmi[0]:.3f} | "
-               f"NMI prev {nmi[1]:.3f} | {dg['seconds_features'] + dg['seconds_kmeans']:.1f} s")
+    common.log(report.clustering_summary(res["diagnostics"]))
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -1,10 +1,10 @@
 """Synced batch norm, the DDP wrap, the batches of each rank: 04_train.py's distributed layer.
 
-Plumbing, not the paper (STYLE.md §3): under torchrun, batch norm sees the global batch of all ranks, so
-that N processes compute what one process does (PAPER.md §7: the grouped layout needs it, since each
-group's batch holds a single super-class). torch.nn.SyncBatchNorm refuses CPU tensors, so CPU/gloo uses
-the small layer below, built on the differentiable all-reduce; every function is the identity in one
-process.
+Plumbing, not the paper (STYLE.md §3): under torchrun, batch norm sees the global batch of all
+ranks, so that N processes compute what one process does (PAPER.md §7: the grouped layout needs it,
+since each group's batch holds a single super-class). torch.nn.SyncBatchNorm refuses CPU tensors,
+so CPU/gloo uses the small layer below, built on the differentiable all-reduce; every function is
+the identity in one process.
 """
 import torch
 import torch.distributed.nn.functional as dist_nn

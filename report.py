@@ -14,6 +14,7 @@ Used by 05_eval.py (and possibly, later, by scripts/reproduce.py for its tables)
 import time; nothing here imports 05_eval.py (it passes in what a figure needs, e.g. phi).
 Uses:   01_data.make_source / ClusterDataset, 02_model.load_trunk.
 """
+import functools
 import importlib
 import json
 import math
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import common
 
@@ -323,6 +325,42 @@ def write_outputs(results, inputs, cfg, spec):
         plot_layers(rows, f"{out}/05_eval_layers.png")
         written.append(f"{out}/05_eval_layers.png")
     return written, table
+
+
+# ---- 03_kmeans.py's diagnostics: cluster sizes; NMI, Eq. (18), vs the last round and labels ----
+def _flat(res):
+    """u·k_s + z as int64 numpy, from a cluster()/two_level dict or a 03_kmeans.npz."""
+    return int(res["k_s"]) * np.asarray(res["super"], np.int64) + np.asarray(res["sub"], np.int64)
+
+
+# Eq. (18)  NMI(A, B) = I(A; B) / √(H(A)·H(B)), the geometric mean (not scikit-learn's default)
+def diagnostics(res, labels=None, prev=None):
+    """Sizes of the k = m·k_s clusters, res["stats"], NMI against prev and the labels."""
+    nmi = functools.partial(normalized_mutual_info_score, average_method="geometric")
+    flat = _flat(res)
+    m = len(res["centroids_super"])
+    sizes = np.bincount(flat, minlength=m * res["k_s"])
+    out = {"n_images": len(flat), "k": len(sizes), "m": m, "k_s": res["k_s"], **res["stats"]}
+    out["sizes"] = {"min": int(sizes.min()), "median": float(np.median(sizes)),
+                    "max": int(sizes.max()), "n_empty": int((sizes == 0).sum())}
+    if prev is not None:  # stability between consecutive rounds; None when N changed
+        p = _flat(prev)
+        out["nmi_prev"] = nmi(p, flat) if len(p) == len(flat) else None
+    if labels is not None:  # quality against the true classes
+        out["nmi_labels"] = nmi(labels, flat)
+        out["ari_labels"] = adjusted_rand_score(labels, flat)
+    return out
+
+
+def clustering_summary(dg):
+    """03_kmeans.py's one-line summary of a clustering round."""
+    nan = float("nan")
+    obj = dg["objective"] or dg["objective_sub"] or [nan]
+    nmi = [nan if dg.get(key) is None else dg[key] for key in ("nmi_labels", "nmi_prev")]
+    return (f"03_kmeans: N {dg['n_images']} | k {dg['k']} = m {dg['m']} x k_s {dg['k_s']} | "
+            f"objective {obj[0]:.4f} -> {obj[-1]:.4f} | empty split {dg['n_empty_split']} | "
+            f"sizes {dg['sizes']['min']}..{dg['sizes']['max']} | NMI labels {nmi[0]:.3f} | "
+            f"NMI prev {nmi[1]:.3f} | {dg['seconds_features'] + dg['seconds_kmeans']:.1f} s")
 
 
 # ---- 04_train.py's training log: the progress bar, one JSON line per epoch, the curves ----

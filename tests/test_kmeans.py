@@ -14,6 +14,7 @@ from sklearn.metrics import normalized_mutual_info_score
 import common
 
 km = importlib.import_module("03_kmeans")  # 03_kmeans.py
+report = importlib.import_module("report")  # report.py: clustering diagnostics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -263,7 +264,7 @@ def test_diagnostics_nmi_and_sizes():
     x, y = mixture(n=400, k=4, seed=3)
     r = km.two_level(x, 8, 2, niter=3)
     perm = {"super": 1 - r["super"], "sub": r["sub"], "k_s": r["k_s"]}  # the same partition, renamed
-    dg = km.diagnostics(r, labels=y, prev=perm)
+    dg = report.diagnostics(r, labels=y, prev=perm)
     assert dg["nmi_prev"] == pytest.approx(1.0)
     flat = (r["super"] * 4 + r["sub"]).numpy()
     assert dg["nmi_labels"] == pytest.approx(normalized_mutual_info_score(y, flat, average_method="geometric"))
@@ -271,7 +272,7 @@ def test_diagnostics_nmi_and_sizes():
     assert dg["sizes"] == {"min": sizes.min(), "median": np.median(sizes), "max": sizes.max(), "n_empty": 0}
     assert dg["nmi_labels"] != pytest.approx(normalized_mutual_info_score(y, flat[::-1]))
     fewer = {"super": r["super"][:3], "sub": r["sub"][:3], "k_s": 4}
-    assert km.diagnostics(r, prev=fewer)["nmi_prev"] is None  # N changed
+    assert report.diagnostics(r, prev=fewer)["nmi_prev"] is None  # N changed
 
 
 # ---- the stage: cluster() with a tiny stand-in trunk, then save_clustering ----
