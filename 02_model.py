@@ -307,6 +307,7 @@ def layer_table(arch, S=None, k_s=None):
 
 
 def main(cfg):
+    common.check_ranges(cfg, at_least_0=("fc_dim",))  # 0 = round(4096 * width)
     S = cfg.super_classes
     m = S // 4 if cfg.rotation else S  # number of super-clusters
     if S < 1 or (cfg.rotation and S % 4) or cfg.k < 1 or cfg.k % m:

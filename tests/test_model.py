@@ -357,3 +357,10 @@ def test_cli_writes_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "conv13" in r.stdout and "fc7" in r.stdout
     assert M.load_trunk(str(tmp_path / "02_model_init.pt"))[1]["arch"]["sobel"] is False
+
+
+def test_cli_refuses_a_negative_fc_dim(tmp_path, capsys):
+    """A one-line error naming the flag, exit 2 (it was a RuntimeError traceback from nn.Linear)."""
+    with pytest.raises(SystemExit) as e:
+        common.run(M.main, M.Config, ["--out_dir", str(tmp_path), "--fc_dim", "-1"])
+    assert e.value.code == 2 and "--fc_dim -1" in capsys.readouterr().err
