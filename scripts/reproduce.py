@@ -14,7 +14,6 @@ It is restartable: a run whose 05_eval.json exists is not run again, so kill it 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import shlex
@@ -331,6 +330,9 @@ def scaling_table(a, load, names):
             xy = sorted((n, get(r)) for n, r in rows if get(r) is not None)
             if xy:
                 ax.plot([n for n, _ in xy], [100 * v for _, v in xy], "o-", label=m)
+        base = load(f"random_s{seed}")
+        if base is not None and get(summary(base)) is not None:  # the untrained trunk, for reference
+            ax.axhline(100 * get(summary(base)), color="gray", ls="--", label="random init")
         ax.set_xscale("log")
         ax.set_xlabel("N distinct training images")
         ax.set_title(title)
