@@ -226,8 +226,7 @@ def new_round(cfg, setup, source, trunk, heads, head_opt, epoch, prev, groups):
     """Cluster the current features (stage 03: eval mode, no rotation, PCA-whitening, two-level
     k-means), then reset the heads -> (clusters, stats): this round's u and z of every image, its
     PCA and centroids (kept in every checkpoint), and the numbers for the epoch's log line."""
-    t0 = time.time()
-    device = next(trunk.parameters()).device
+    t0, device = time.time(), next(trunk.parameters()).device
     prev = None if prev["super"] is None else prev | {"k_s": setup["k_s"]}
     groups_u = None if groups is None else groups.cluster  # DIST: grouped.py, level 2 per u
     res = m03.cluster(trunk, source, cfg, device, prev=prev, epoch=epoch, m=setup["m"],
@@ -288,12 +287,12 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
         """Everything needed to resume exactly, never diverged weights (a collective: all ranks)."""
         if not common.healthy([trunk, heads], trunk, x):
             raise FloatingPointError("non-finite weights or outputs after the last update")
-        if groups is None:
+        gl = None if groups is None else importlib.import_module("grouped")  # DIST: grouped.py
+        if gl is None:
             head_sd, head_osd = heads.state_dict(), opts[1].state_dict()
-        else:  # DIST: the sharded W_t gathered into the replicated format
-            gl = importlib.import_module("grouped")
-            head_sd, head_osd = gl.head_states(heads, opts[1], groups)
-        idx, rot = (torch.zeros(0, dtype=torch.long),) * 2 if plan is None else plan
+        else:  # W_t gathered into the replicated format, or (large) one file per group + an index
+            head_sd, head_osd = gl.head_states(heads, opts[1], groups, path)
+        idx, rot = plan or (torch.zeros(0, dtype=torch.long),) * 2
         state = {"epoch": epoch, "iteration": it, "plan_indices": idx, "plan_rotations": rot,
                  "round": round_stats, "sums": sums, "seconds": seconds, "metrics": metrics,
                  "arch": trunk.arch(), "model": trunk.state_dict(), "heads": head_sd,
@@ -301,6 +300,8 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
                  "method": cfg.method, "rng": common.rng_states(device)}  # every rank's dropout RNG
         if common.is_main():
             common.save_ckpt(common.ckpt_header("04_train", cfg) | state | clusters, path)
+            if gl is not None:
+                gl.drop_stale_shards(path, head_sd)  # the shards of earlier saves
         stop.saved()
 
     stop = common.StopFlag(every_s=60 * cfg.ckpt_minutes)  # SIGINT / SIGTERM: a flag, see below
@@ -393,8 +394,7 @@ def load_start(cfg, last):
         trunk.load_state_dict(ck["model"])
         return trunk, ck
     if arch is None:
-        raise UserError(f"{init} does not exist: run 02_model.py --out_dir {cfg.out_dir} first "
-                        f"(or pass --init PATH)")
+        raise UserError(f"{init} does not exist: run 02_model.py --out_dir {cfg.out_dir} or --init")
     return m02.load_trunk(init)[0], None
 
 
@@ -414,7 +414,8 @@ def main(cfg, on_iteration=None):
         raise UserError(f"--batch_size {cfg.batch_size} exceeds the {len(source)} images")
     setup = method_setup(cfg, source)
     groups = grouped.make_groups(setup, rank, world) if grouped else None
-    trunk, ck = load_start(cfg, os.path.join(cfg.out_dir, "04_train_last.pt"))
+    last = os.path.join(cfg.out_dir, "04_train_last.pt")
+    trunk, ck = load_start(cfg, last)
     d, S, k_s = trunk.feature_dim, setup["S"], setup["k_s"]
     heads = m02.Heads(d, S, k_s) if groups is None else grouped.ShardedHeads(d, S, k_s, groups.t)
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
@@ -431,19 +432,18 @@ def main(cfg, on_iteration=None):
     if ck is None:  # a fresh run (the clustering methods reset the heads again at epoch 0)
         reset_heads(heads, opts[1], torch.Generator(device).manual_seed(cfg.seed * 7919), True)
     else:
-        if groups is None:
+        if "sharded" in ck["heads"] or groups is not None:  # DIST: written or read grouped
+            importlib.import_module("grouped").load_heads(heads, opts[1], ck, groups, last)
+        else:
             heads.load_state_dict(ck["heads"])
             opts[1].load_state_dict(ck["head_optimizer"])
-        else:  # DIST: the grouped layout keeps its row t of W and of its momentum
-            grouped.load_heads(heads, opts[1], ck, groups)
         opts[0].load_state_dict(ck["optimizer"])
         for group in opts[0].param_groups + opts[1].param_groups:
             group.update(sgd)  # the flags win over the saved ones (e.g. a lower --lr after a NaN)
         common.set_rng_states(ck["rng"], rank, device)
     model.train()
     train(cfg, setup, source, trunk, heads, model, opts, ck, groups, on_iteration)
-    common.log(f"done: {cfg.epochs} epochs; wrote 04_train_last.pt, 04_train_log.jsonl and "
-               f"04_train_curves.png in {cfg.out_dir}")
+    common.log(f"done: {cfg.epochs} epochs; 04_train_last.pt, log and curves in {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
   sub-class head gradients S times the single-process ones (derivation below), for S = 4 (one super-cluster x 4
   rotations, one rank per group) and S = 2 (no rotation, two ranks per group);
 - the sharded heads start as the single-process heads, and the checkpoint gathers them (momentum included) into the
-  stacked format: loading it back gives every rank its rows, and it loads into one process;
+  stacked format: loading it back gives every rank its rows, and it loads into one process; above
+  grouped.GATHER_MAX_BYTES (forced to 0 here) each training group writes its own shard file instead, which loads back
+  the same in the grouped layout and assembles into the gathered checkpoint in one process;
 - 04_train.main runs grouped for an epoch, resumes grouped, refuses N = 4 for S = 8, and its checkpoint resumes in
   one process (replicated);
 - level 2 of the k-means inside the clustering groups (grouped.level2_in_groups) equals the single-process two_level,
@@ -95,14 +97,30 @@ def grouped_step(rank, S, m, ckpt_path):
         common.save_ckpt({"heads": sd, "head_optimizer": osd}, ckpt_path)
     common.barrier()
     ck = torch.load(ckpt_path, weights_only=True)
-    heads2 = gl.ShardedHeads(trunk.feature_dim, S, K_S, groups.t)
-    opt2 = torch.optim.SGD(heads2.parameters(), lr=0.05, momentum=0.9)
-    gl.load_heads(heads2, opt2, ck, groups)
-    same = all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), heads2.state_dict().values()))
-    same &= all(torch.equal(opts[1].state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
-                for p, q in zip(heads.parameters(), heads2.parameters()))
-    out["roundtrip"] = torch.tensor(same)
+    out["roundtrip"] = torch.tensor(reloaded_equal(heads, opts[1], ck, groups, ckpt_path))
+    # the sharded format, forced by a zero size limit: one file per training group, an index on rank 0
+    sharded, limit = ckpt_path.replace(".pt", "_sharded.pt"), gl.GATHER_MAX_BYTES
+    gl.GATHER_MAX_BYTES = 0
+    try:
+        sd, osd = gl.head_states(heads, opts[1], groups, sharded)
+    finally:
+        gl.GATHER_MAX_BYTES = limit
+    if rank == 0:
+        common.save_ckpt({"heads": sd, "head_optimizer": osd}, sharded)
+    common.barrier()
+    ck = torch.load(sharded, weights_only=True)
+    out["roundtrip_sharded"] = torch.tensor(reloaded_equal(heads, opts[1], ck, groups, sharded))
     return out
+
+
+def reloaded_equal(heads, opt, ck, groups, path):
+    """Checkpoint ck loaded into fresh sharded heads and optimizer equals heads and opt (momentum included)."""
+    heads2 = gl.ShardedHeads(heads.d, heads.S, heads.k_s, groups.t)
+    opt2 = torch.optim.SGD(heads2.parameters(), lr=0.05, momentum=0.9)
+    gl.load_heads(heads2, opt2, ck, groups, path)
+    same = all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), heads2.state_dict().values()))
+    return same and all(torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+                        for p, q in zip(heads.parameters(), heads2.parameters()))
 
 
 def cluster_problems():
@@ -154,6 +172,13 @@ def worker(out):
     t4.main(dataclasses.replace(cfg, epochs=2))
     t4.main(dataclasses.replace(cfg, epochs=2, out_dir=os.path.join(out, "fresh"),
                                 init=os.path.join(out, "run", "02_model_init.pt")))
+    # the same two epochs through 04 with the sharded head format (threshold 0): one file per group
+    gl.GATHER_MAX_BYTES = 0
+    sharded = dataclasses.replace(cfg, out_dir=os.path.join(out, "sharded"),
+                                  init=os.path.join(out, "run", "02_model_init.pt"))
+    t4.main(sharded)
+    t4.main(dataclasses.replace(sharded, epochs=2))  # resumes from the shards
+    gl.GATHER_MAX_BYTES = 10 ** 9
     if rank == 0:
         torch.save(res, os.path.join(out, "res.pt"))
     common.barrier()
@@ -227,6 +252,44 @@ def test_checkpoint_gathers_heads_and_momentum(four_ranks, case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_checkpoint_equals_gathered(four_ranks, case, tmp_path):
+    out, res = four_ranks[0], four_ranks[1][case]
+    S = CASES[case][0]
+    assert bool(res["roundtrip_sharded"])  # every rank read its own shard back, momentum included
+    gathered = torch.load(out / f"heads_{case}.pt", weights_only=True)
+    path = out / f"heads_{case}_sharded.pt"
+    ck = torch.load(path, weights_only=True)
+    assert "W" not in ck["heads"] and ck["heads"]["sharded"] == S and len(ck["heads"]["files"]) == S
+    token = int(ck["heads"]["token"])  # the files are named by the save's token
+    assert all((out / f"heads_{case}_sharded.pt.heads_t{t:03d}.{token:x}.pt").exists()
+               for t in range(S))
+    sd, osd = gl.assemble_heads(ck, str(path))  # the replicated format, from the S shard files
+    assert sd.keys() == gathered["heads"].keys()
+    assert all(torch.equal(v, gathered["heads"][k]) for k, v in sd.items())
+    ref = gathered["head_optimizer"]
+    assert osd["param_groups"] == ref["param_groups"] and osd["state"].keys() == ref["state"].keys()
+    assert all(torch.equal(st["momentum_buffer"], ref["state"][i]["momentum_buffer"]) for i, st in osd["state"].items())
+    # one process loads it (load_heads without groups), as it loads the gathered one
+    heads = m02.Heads(sd["W"].shape[2], S, K_S)
+    opt = torch.optim.SGD(heads.parameters(), lr=0.05, momentum=0.9)
+    gl.load_heads(heads, opt, ck, None, str(path))
+    assert torch.equal(heads.W, gathered["heads"]["W"])
+    assert torch.equal(opt.state[heads.W]["momentum_buffer"], ref["state"][0]["momentum_buffer"])  # W: the first parameter
+    # a shard from another save, or a missing one: refused with the file's name
+    for t in range(S):
+        name = ck["heads"]["files"][t]  # the names the index holds
+        shard = torch.load(out / name, weights_only=True)
+        if t == 0:
+            shard["token"] = shard["token"] + 1
+        torch.save(shard, tmp_path / name)
+    with pytest.raises(common.UserError, match=r"heads_t000\.\w+\.pt belongs to another checkpoint"):
+        gl.assemble_heads(ck, str(tmp_path / path.name))
+    with pytest.raises(common.UserError, match=r"heads_t000\.\w+\.pt does not exist"):
+        gl.assemble_heads(ck, str(tmp_path / "elsewhere" / path.name))
+
+
+@pytest.mark.slow
 def test_grouped_level2_equals_single_process(four_ranks):
     for name, (x, k, m) in cluster_problems().items():
         got, ref = four_ranks[1]["kmeans"][name], two_level(x, k, m, grouped=False)
@@ -291,3 +354,19 @@ def test_show_layout_refuses_wrong_n(capsys):
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+@pytest.mark.slow
+def test_main_sharded_heads_resume_like_gathered(four_ranks):
+    """04_train.py with the sharded format end to end: a resume from the per-group files ends with the
+    heads of the uninterrupted (gathered) run, and each save deletes the shards of the previous one."""
+    out = four_ranks[0]
+    last = out / "sharded" / "04_train_last.pt"
+    ck = torch.load(last, weights_only=True)
+    assert ck["epoch"] == 2 and "sharded" in ck["heads"]
+    shards = sorted(p.name for p in last.parent.glob("04_train_last.pt.heads_t*.pt"))
+    assert shards == sorted(ck["heads"]["files"])  # the earlier saves' shards are gone
+    sd, _ = gl.assemble_heads(ck, str(last))
+    fresh = torch.load(out / "fresh" / "04_train_ep002.pt", weights_only=True)
+    for name, v in fresh["heads"].items():
+        torch.testing.assert_close(sd[name], v, atol=1e-6, rtol=1e-6, msg=name)
