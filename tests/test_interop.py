@@ -15,15 +15,6 @@ import interop
 M = importlib.import_module("02_model")  # 02_model.py: trunk, load_trunk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a busy 2-core machine, 2 OpenMP threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomise_bn(model, seed=0):
     """Non-trivial BN running statistics, so that eval-mode comparisons test them too."""
     g = torch.Generator().manual_seed(seed)

@@ -17,15 +17,6 @@ import common
 M = importlib.import_module("02_model")  # 02_model.py: trunk, heads, loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a busy 2-core machine, 2 OpenMP threads wait on each other (up to 50x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def analytic_params(width, image_size, sobel, fc_dim=None):
     """Trainable parameters of the trunk, counted by hand from configuration D."""
     c_in, total = (2 if sobel else 3), 0
