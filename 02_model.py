@@ -175,6 +175,14 @@ def build_model(arch, generator=None):
 
 
 # ---- §3 the heads: V (S-way) and W_0..W_{S-1} (k_s-way each), stacked ----
+def row_generators(S, generator=None):
+    """-> S generators, the s-th seeded by the s-th of S seeds drawn from `generator`: one per
+    sub-class head W_s (Heads.reset)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    seeds = torch.randint(0, 2**62, (S,), generator=generator, device=device).tolist()
+    return [torch.Generator(device).manual_seed(int(x)) for x in seeds]
+
+
 class Heads(nn.Module):
     """V = nn.Linear(d, S); W (S, k_s, d) and b (S, k_s) hold W_s and its bias as row s."""
 
@@ -187,10 +195,13 @@ class Heads(nn.Module):
         self.reset(generator)
 
     def reset(self, generator=None):
-        """Fresh heads after a re-clustering (PAPER.md §5.1): nn.Linear's default init, V then
-        all W_s (draws in that order from one generator)."""
+        """Fresh heads after a re-clustering (PAPER.md §5.1): nn.Linear's default init. V draws
+        from `generator`, then S seeds, one per super-class; W_s, b_s draw from a generator of
+        their own seeded with seed s. A rank that holds only some W_s (grouped.ShardedHeads)
+        thus draws only its own rows and gets the same numbers as this single-process reset."""
         _linear_init_(self.V.weight, self.V.bias, generator)
-        _linear_init_(self.W, self.b, generator)
+        for s, g in enumerate(row_generators(self.S, generator)):
+            _linear_init_(self.W[s], self.b[s], g)
 
     def sub_head(self, t):
         """-> W_t (k_s, d), b_t (k_s,): the sub-class head of super-class t, views of row t."""

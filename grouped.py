@@ -35,7 +35,6 @@ Run:    torchrun --nproc_per_node=16 04_train.py --layout grouped --out_dir out
 Uses:   02_model (_linear_init_), 03_kmeans (kmeans), common (process groups, synced BN)
 """
 import importlib
-import math
 import os
 from types import SimpleNamespace
 
@@ -94,19 +93,12 @@ class ShardedHeads(nn.Module):
         self.reset()
 
     def reset(self, generator=None):
-        """m02.Heads.reset's draws (V; W_0..W_{S-1}; b_0..b_{S-1}) keeping row t: the
-        single-process heads, never all of W in memory. Equal on CPU; a CUDA generator draws S
-        chunks differently from one tensor, but every rank of group t still draws the same W_t,
-        and every rank the same V."""
+        """m02.Heads.reset keeping row t: V from `generator`, the S per-super-class seeds, and
+        W_t, b_t from a generator seeded with seed t; only this rank's k_s x d numbers are drawn,
+        the same as row t of the single-process heads (on CPU and on a CUDA generator)."""
         m02._linear_init_(self.V.weight, self.V.bias, generator)
-        bound = 1 / math.sqrt(self.d)  # nn.Linear's default, as in m02._linear_init_
-        with torch.no_grad():
-            for p in (self.W, self.b):
-                row = torch.empty_like(p[0])
-                for s in range(self.S):
-                    row.uniform_(-bound, bound, generator=generator)
-                    if s == self.t:
-                        p[0].copy_(row)
+        g = m02.row_generators(self.S, generator)[self.t]
+        m02._linear_init_(self.W[0], self.b[0], g)
 
     def sub_head(self, t):
         """(W_t (k_s, d), b_t (k_s,)): m02.hierarchical_loss asks only for this rank's t

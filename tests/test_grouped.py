@@ -208,6 +208,28 @@ def max_diff(a, b):
     return float((a - b).abs().max())
 
 
+def test_sharded_heads_reset_draws_only_its_row(monkeypatch):
+    """ShardedHeads.reset (no processes needed) gives row t of the single-process heads for every t, drawing only
+    V, b_t and W_t: S x k_s x d numbers would be 1.3 GB per rank at the paper's k_s = 80,000 (issue 15)."""
+    d, S, k_s = 16, 4, 32
+    full = m02.Heads(d, S, k_s, generator=torch.Generator().manual_seed(11))
+    drawn, uniform_ = [], torch.Tensor.uniform_
+
+    def counting(self, *a, **kw):
+        drawn.append(self.numel())
+        return uniform_(self, *a, **kw)
+
+    for t in range(S):
+        heads = gl.ShardedHeads(d, S, k_s, t)
+        drawn.clear()
+        monkeypatch.setattr(torch.Tensor, "uniform_", counting)
+        heads.reset(torch.Generator().manual_seed(11))
+        monkeypatch.setattr(torch.Tensor, "uniform_", uniform_)
+        assert torch.equal(heads.W[0], full.W[t]) and torch.equal(heads.b[0], full.b[t])
+        assert torch.equal(heads.V.weight, full.V.weight) and torch.equal(heads.V.bias, full.V.bias)
+        assert sum(drawn) == S * d + S + k_s * d + k_s  # V, then W_t and b_t only
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_step_equals_single_process(four_ranks, case):

@@ -133,15 +133,24 @@ def test_heads_reset_is_seeded_and_in_linear_bounds():
         assert t.abs().max() <= 1 / 8 and t.abs().max() > 0.1  # U(-1/sqrt(d), 1/sqrt(d)), d = 64
 
 
-def test_heads_reset_draws_V_then_W_from_one_generator():
-    """The draws of the stacked heads, so old seeds give the same heads: V.weight, V.bias, W, b."""
+def test_heads_reset_draws_V_then_one_seed_per_sub_head():
+    """The draws of the stacked heads, spelled out: V.weight, V.bias from the generator, then S
+    seeds from it, then W_s, b_s from a generator seeded with seed s (so a rank holding only W_t
+    can draw it alone; grouped.ShardedHeads, tests/test_grouped.py)."""
     d, S, k_s = 6, 3, 4
     h = M.Heads(d, S, k_s, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
-    ref = [torch.empty(shape).uniform_(-d ** -0.5, d ** -0.5, generator=g)
-           for shape in ((S, d), (S,), (S, k_s, d), (S, k_s))]
-    for got, want in zip((h.V.weight, h.V.bias, h.W, h.b), ref):
-        assert torch.equal(got, want)
+    U = lambda shape, gen: torch.empty(shape).uniform_(-d ** -0.5, d ** -0.5, generator=gen)  # noqa: E731
+    V_w, V_b = U((S, d), g), U((S,), g)
+    seeds = torch.randint(0, 2**62, (S,), generator=g).tolist()
+    rows = []
+    for x in seeds:
+        gs = torch.Generator().manual_seed(x)
+        rows.append((U((k_s, d), gs), U((k_s,), gs)))
+    assert torch.equal(h.V.weight, V_w) and torch.equal(h.V.bias, V_b)
+    for s in range(S):
+        assert torch.equal(h.W[s], rows[s][0]) and torch.equal(h.b[s], rows[s][1])
+    assert len(set(seeds)) == S and not torch.equal(h.W[0], h.W[1])  # independent rows
     W_1, b_1 = h.sub_head(1)
     assert torch.equal(W_1, h.W[1]) and torch.equal(b_1, h.b[1])
 
