@@ -117,10 +117,23 @@ def one_run(a, method, seed, extra=(), name=None, model_extra=()):
     res = json.load(open(done))
     res["wall_seconds"] = secs
     common.save_text(json.dumps(res, indent=1), done)
+    keep_labels(run_dir)
     for f in os.listdir(run_dir):  # keep logs, json and figures; checkpoints are large and reproducible
-        if f.endswith(".pt") or f.endswith(".npz"):
+        if (f.endswith(".pt") or f.endswith(".npz")) and not f.endswith("_labels.npz"):
             os.remove(os.path.join(run_dir, f))
     return res
+
+
+def keep_labels(run_dir):
+    """03_kmeans_epNNN.npz -> 03_kmeans_epNNN_labels.npz: only the super- and sub-cluster of every image (compressed,
+    ~1% of the file), what scripts/clusters.py reads to ask what the clusters follow."""
+    for f in sorted(os.listdir(run_dir)):
+        if f.startswith("03_kmeans_ep") and f.endswith(".npz") and not f.endswith("_labels.npz"):
+            z = np.load(os.path.join(run_dir, f))
+            out = os.path.join(run_dir, f[:-4] + "_labels.npz")
+            tmp = out + ".tmp.npz"
+            np.savez_compressed(tmp, super=z["super"].astype(np.int32), sub=z["sub"].astype(np.int32))
+            os.replace(tmp, out)
 
 
 def summary(res):
