@@ -76,7 +76,14 @@ VARIANTS = {
     "sub_grad_scale": ([], ["--sub_grad_scale"]),  # W_s gets the official per-group gradient scale (PAPER.md §7)
     "T1": ([], ["--reassign", "1"]),  # re-cluster every epoch (DeepCluster's T)
     "no_sobel": (["--no-sobel"], []),  # grey-level input instead of the fixed Sobel filters
+    "lr_x2": ([], lambda a: ["--lr", f"{2 * a.lr:g}"]),  # twice the learning rate
+    "epochs_x2": ([], lambda a: ["--epochs", str(2 * a.epochs)]),  # twice the images seen (and clusterings)
 }
+
+
+def variant_flags(a, v):
+    """-> (02 flags, 04 flags) of variant v; a callable entry is given the sweep's settings."""
+    return tuple(f(a) if callable(f) else f for f in VARIANTS[v])
 
 
 def sh(cmd, log, threads=0):
@@ -291,7 +298,8 @@ def main():
                    for m in SCALING if n != a.subset]
         tasks = first + scaling + [(m, s, [], f"{m}_s{s}") for s in a.seeds[1:] for m in a.methods]
         tasks += [("deepercluster", a.seeds[0], ["--k", str(k)], f"ksweep_k{k}") for k in a.k_sweep if k != a.k]
-        tasks += [("deepercluster", a.seeds[0], VARIANTS[v][1], f"variant_{v}", VARIANTS[v][0]) for v in a.variants]
+        tasks += [("deepercluster", a.seeds[0], variant_flags(a, v)[1], f"variant_{v}", variant_flags(a, v)[0])
+                  for v in a.variants]
         tasks = list({t[3]: t for t in tasks}.values())  # one task per run folder (--seeds 0 0 would share one)
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             futures = {pool.submit(one_run, a, *t): t for t in tasks}
@@ -396,10 +404,18 @@ def collect(a):
         if res["config"]["seed"] != seed:
             raise SystemExit(f"runs/variant_{v} was made with seed {res['config']['seed']}, the others with {seed}")
         r = summary(res)
-        flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else VARIANTS[v][0] + VARIANTS[v][1])
+        flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else sum(variant_flags(a, v), []))
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
                      f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} |")
+    base = [summary(r) for r in rows.get("deepercluster", [])]
+    if len(base) > 1:  # the yardstick for a one-seed variant: how much the baseline itself moves between seeds
+        sd = lambda get: pct(float(np.std([get(r) for r in base], ddof=1)))  # noqa: E731
+        lines += ["", f"Seed-to-seed spread of the baseline ({len(base)} seeds of the main table's deepercluster, "
+                  f"sample std, points): kNN@20 {sd(lambda r: r['knn20'])}, best conv probe "
+                  f"{sd(lambda r: r['probe_best'])}, conv13 probe {sd(lambda r: r['layers'].get('13') or 0)}, fc7 "
+                  f"probe {sd(lambda r: r['probe_fc7'])}. A one-seed variant that differs from the baseline by less "
+                  f"than about twice that is within noise."]
     if any(line.startswith("| ") and not line.startswith(("| baseline", "| variant")) for line in lines):
         common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "variants.md"))
         print("\n".join(lines), flush=True)
