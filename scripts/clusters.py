@@ -133,7 +133,8 @@ def main():
         excess = [nmi(c, t) - nmi(c, shuffled[n]) for n, t in targets.items()]
         lines.append(f"| {name} | {st['clusters']} | {st['largest %']:.1f} | {st['effective']:.0f} | "
                      f"{nmi(c, labels):.3f} ({nmi(c, shuffled['true classes']):.3f}) | "
-                     + " | ".join("–" if name == f"cue: {n}" else f"{v:+.3f}" for n, v in zip(targets, excess)) + " |")
+                     + " | ".join("–" if name == f"cue: {n}" else f"{v:+.3f}" for n, v in zip(targets, excess))
+                     + " |")
     lines += ["", "NMI: geometric normalisation (PAPER.md Eq. (18)); two partitions into hundreds of clusters share "
               "information by chance, hence the shuffled baseline. Effective clusters: exp(entropy of the cluster "
               "sizes). Rows 'cue: ...' are the cues' own partitions: their column 'true classes' is what that cue "

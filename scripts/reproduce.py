@@ -78,6 +78,9 @@ VARIANTS = {
     "no_sobel": (["--no-sobel"], []),  # grey-level input instead of the fixed Sobel filters
     "lr_x2": ([], lambda a: ["--lr", f"{2 * a.lr:g}"]),  # twice the learning rate
     "epochs_x2": ([], lambda a: ["--epochs", str(2 * a.epochs)]),  # twice the images seen (and clusterings)
+    "batch_x2": ([], lambda a: ["--batch_size", str(2 * a.batch_size), "--lr", f"{2 * a.lr:g}"]),  # half the steps
+    # half the image side for training and evaluation (05 takes it from the checkpoint): 1/4 of the pixels
+    "size_half": (lambda a: ["--image_size", str(a.image_size // 2)],) * 2,
 }
 
 
