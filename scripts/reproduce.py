@@ -150,8 +150,9 @@ def summary(res):
     """The numbers of one run that go in the table (keys written by 05_eval.py)."""
     row = dict(res["rows"][0])
     if not any(m in str(row.get("method", "")) for m in ("deepcluster", "deepercluster")):
-        row["nmi_labels"] = None  # rotnet / supervised / random have no clusters of their own
-    return {k: row.get(k) for k in ("knn20", "knn200", "probe_best", "probe_best_layer", "probe_fc7", "nmi_labels")} | \
+        row["nmi_labels"] = row["ari_labels"] = None  # rotnet / supervised / random have no clusters of their own
+    keys = ("knn20", "knn200", "probe_best", "probe_best_layer", "probe_fc7", "nmi_labels", "ari_labels")
+    return {k: row.get(k) for k in keys} | \
         {"layers": row.get("probe_layers", {}), "wall_seconds": res.get("wall_seconds")}  # None: killed before timing
 
 
@@ -176,21 +177,26 @@ def write_table(a, rows):
     lines = [f"# Small-scale reproduction on `{a.data}` (N = {a.subset or 'all'}, {a.image_size} px, width "
              f"{a.width}, {seen})", "",
              "| method | what ran | seeds | kNN@20 | kNN@200 | best conv probe (layer) | conv13 probe | fc7 probe "
-             "| NMI vs labels | minutes/run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| NMI vs labels | ARI vs labels | minutes/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, runs in rows.items():
         s = [summary(r) for r in runs]
         best_layers = sorted({str(x["probe_best_layer"]) for x in s})
         nmi = [x["nmi_labels"] for x in s if x["nmi_labels"] is not None]
+        ari = [x["ari_labels"] for x in s if x["ari_labels"] is not None]
         lines.append(f"| {method} | {what_ran(a, method)} | {len(s)} | {mean_std([x['knn20'] for x in s])} | "
                      f"{mean_std([x['knn200'] for x in s])} | "
                      f"{mean_std([x['probe_best'] for x in s])} ({','.join(best_layers)}) | "
                      f"{mean_std([x['layers'].get('13') for x in s])} | "
                      f"{mean_std([x['probe_fc7'] for x in s])} | "
-                     f"{(f'{np.mean(nmi):.3f}') if nmi else '–'} | {minutes([x['wall_seconds'] for x in s])} |")
+                     f"{(f'{np.mean(nmi):.3f}') if nmi else '–'} | {(f'{np.mean(ari):.4f}') if ari else '–'} | "
+                     f"{minutes([x['wall_seconds'] for x in s])} |")
     lines += ["", "Accuracies in % (mean ± sample standard deviation over seeds); NMI is of the last clustering against "
-              "the true classes, geometric normalisation (PAPER.md Eq. (18)); minutes/run: wall clock of the three "
-              "stages, with the other runs of the sweep sharing the cores (--jobs)."]
+              "the true classes, geometric normalisation (PAPER.md Eq. (18)); it is not corrected for chance: two "
+              "unrelated partitions into hundreds of groups share information by chance, the more so the fewer images "
+              "per group (`scripts/clusters.py` measures that level); ARI is (0 = chance, 1 = the classes); "
+              "minutes/run: wall clock of the three stages, with the other runs of the sweep sharing the cores "
+              "(--jobs)."]
     lines += paired_table(rows)
     common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "table.md"))
     common.save_text(json.dumps({m: [summary(r) for r in runs] for m, runs in rows.items()}, indent=1),
@@ -337,12 +343,13 @@ def scaling_table(a, load, names):
     cols = [("best conv probe", lambda x: x["probe_best"]), ("conv13 probe", lambda x: x["layers"].get("13")),
             ("fc7 probe", lambda x: x["probe_fc7"]), ("kNN@20", lambda x: x["knn20"])]
     lines = [f"# Accuracy against N distinct training images, {a.epochs} x {a.epoch_size} images seen, seed {seed}",
-             "", "| method | N | " + " | ".join(c for c, _ in cols) + " | NMI vs labels |",
-             "|---|---|" + "---|" * (len(cols) + 1)]
+             "", "| method | N | " + " | ".join(c for c, _ in cols) + " | NMI vs labels | ARI vs labels |",
+             "|---|---|" + "---|" * (len(cols) + 2)]
     for m, rows in pts.items():
         for n, r in sorted(rows, key=lambda t: t[0]):
             nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
-            lines.append(f"| {m} | {n} | " + " | ".join(pct(get(r)) for _, get in cols) + f" | {nmi} |")
+            ari = "–" if r["ari_labels"] is None else f"{r['ari_labels']:.4f}"
+            lines.append(f"| {m} | {n} | " + " | ".join(pct(get(r)) for _, get in cols) + f" | {nmi} | {ari} |")
     common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "n_scaling.md"))
     print("\n".join(lines), flush=True)
     import matplotlib
@@ -384,8 +391,8 @@ def collect(a):
     # seed a sweep run was made with is in its 05_eval.json, so a later call with other --seeds cannot mix them up).
     sweep = [load(n) for n in names if n.startswith(("ksweep_", "variant_"))]
     seed = next((r["config"]["seed"] for r in sweep if r), a.seeds[0])
-    lines = [f"| k (total, seed {seed}) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| k (total, seed {seed}) | k_s = k/m | kNN@20 | best conv probe | fc7 probe | NMI vs labels "
+             "| ARI vs labels |", "|---|---|---|---|---|---|---|"]
     for k in a.k_sweep:  # the paper's Figure 1 varies k
         res = load(f"deepercluster_s{seed}" if k == a.k else f"ksweep_k{k}")
         if res is not None and res["config"]["seed"] != seed:
@@ -394,12 +401,14 @@ def collect(a):
             continue
         r = summary(res)
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
-        lines.append(f"| {k} | {k // a.m} | {pct(r['knn20'])} | {pct(r['probe_best'])} | {pct(r['probe_fc7'])} | {nmi} |")
+        ari = "–" if r["ari_labels"] is None else f"{r['ari_labels']:.4f}"
+        lines.append(f"| {k} | {k // a.m} | {pct(r['knn20'])} | {pct(r['probe_best'])} | {pct(r['probe_fc7'])} | {nmi} "
+                     f"| {ari} |")
     if len(lines) > 2:
         common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "k_sweep.md"))
         print("\n".join(lines), flush=True)
-    lines = [f"| variant (seed {seed}) | flags | kNN@20 | best conv probe (layer) | conv13 probe | fc7 probe | NMI vs labels |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| variant (seed {seed}) | flags | kNN@20 | best conv probe (layer) | conv13 probe | fc7 probe "
+             "| NMI vs labels | ARI vs labels |", "|---|---|---|---|---|---|---|---|"]
     for v in ["baseline"] + list(VARIANTS):
         res = load(f"deepercluster_s{seed}" if v == "baseline" else f"variant_{v}")
         if res is None:
@@ -410,7 +419,8 @@ def collect(a):
         flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else sum(variant_flags(a, v), []))
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
-                     f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} |")
+                     f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} | "
+                     f"{'–' if r['ari_labels'] is None else format(r['ari_labels'], '.4f')} |")
     base = [summary(r) for r in rows.get("deepercluster", [])]
     if len(base) > 1:  # the yardstick for a one-seed variant: how much the baseline itself moves between seeds
         sd = lambda get: pct(float(np.std([get(r) for r in base], ddof=1)))  # noqa: E731
