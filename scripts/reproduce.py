@@ -416,7 +416,8 @@ def collect(a):
         if res["config"]["seed"] != seed:
             raise SystemExit(f"runs/variant_{v} was made with seed {res['config']['seed']}, the others with {seed}")
         r = summary(res)
-        flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else sum(variant_flags(a, v), []))
+        f02, f04 = variant_flags(a, v) if v != "baseline" else ([], [])
+        flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else f04 if f02 == f04 else f02 + f04)
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
                      f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} | "
