@@ -309,6 +309,10 @@ def main():
         tasks += [("deepercluster", a.seeds[0], ["--k", str(k)], f"ksweep_k{k}") for k in a.k_sweep if k != a.k]
         tasks += [("deepercluster", a.seeds[0], variant_flags(a, v)[1], f"variant_{v}", variant_flags(a, v)[0])
                   for v in a.variants]
+        # A variant that changes the trunk or its input (02 flags) gets its own untrained reference: the random init
+        # it starts from is not the main table's
+        tasks += [("random", a.seeds[0], [], f"variant_{v}_random", variant_flags(a, v)[0])
+                  for v in a.variants if variant_flags(a, v)[0]]
         tasks = list({t[3]: t for t in tasks}.values())  # one task per run folder (--seeds 0 0 would share one)
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             futures = {pool.submit(one_run, a, *t): t for t in tasks}
@@ -409,15 +413,18 @@ def collect(a):
         print("\n".join(lines), flush=True)
     lines = [f"| variant (seed {seed}) | flags | kNN@20 | best conv probe (layer) | conv13 probe | fc7 probe "
              "| NMI vs labels | ARI vs labels |", "|---|---|---|---|---|---|---|---|"]
-    for v in ["baseline"] + list(VARIANTS):
-        res = load(f"deepercluster_s{seed}" if v == "baseline" else f"variant_{v}")
+    for v, run in [("baseline", f"deepercluster_s{seed}"), ("baseline, random init", f"random_s{seed}")] + \
+            [x for v in VARIANTS for x in ((v, f"variant_{v}"), (f"{v}, random init", f"variant_{v}_random"))]:
+        res = load(run)
         if res is None:
             continue
         if res["config"]["seed"] != seed:
-            raise SystemExit(f"runs/variant_{v} was made with seed {res['config']['seed']}, the others with {seed}")
+            raise SystemExit(f"runs/{run} was made with seed {res['config']['seed']}, the others with {seed}")
         r = summary(res)
-        f02, f04 = variant_flags(a, v) if v != "baseline" else ([], [])
-        flags = " ".join(["(the table's deepercluster)"] if v == "baseline" else f04 if f02 == f04 else f02 + f04)
+        name = v.split(",")[0]
+        f02, f04 = variant_flags(a, name) if name != "baseline" else ([], [])
+        flags = " ".join(["(the main table's run)"] if name == "baseline" else f02 if "random" in v
+                         else f04 if f02 == f04 else f02 + f04)
         nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
                      f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} | "

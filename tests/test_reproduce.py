@@ -23,7 +23,7 @@ def sweep(tmp_path_factory):
     results = tmp_path_factory.mktemp("reproduce")
     p = reproduce(results, "--methods", "random", "--seeds", "0", "1", "--k_sweep", "--jobs", "2")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    p = reproduce(results, "--methods", "deepercluster", "--seeds", "0", "--k_sweep", "4", "8", "--variants", "m1",
+    p = reproduce(results, "--methods", "deepercluster", "--seeds", "0", "--k_sweep", "4", "8", "--variants", "m1", "no_sobel",
                   "--jobs", "2")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return results, p.stdout
@@ -53,6 +53,10 @@ def test_k_sweep_and_variants_tables(sweep):
     assert "| baseline |" in var and "| m1 | `--super_clusters 1` |" in var
     cfg = open(results / "runs" / "variant_m1" / "stdout.log").read()
     assert "--super_clusters 1" in cfg
+    # a variant that changes the trunk's input gets its own untrained reference, evaluated without training
+    assert "| no_sobel, random init | `--no-sobel` |" in var and "| baseline, random init |" in var
+    ref = open(results / "runs" / "variant_no_sobel_random" / "stdout.log").read()
+    assert "--no-sobel" in ref and "04_train.py" not in ref and "variant_m1_random" not in os.listdir(results / "runs")
 
 
 def test_restart_skips_finished_runs_and_refuses_another_budget(sweep):
