@@ -75,7 +75,7 @@ VARIANTS = {
     "keep_V": ([], ["--reset_super_head", "never"]),  # m = 4, but V keeps its weights across clusterings
     "sub_grad_scale": ([], ["--sub_grad_scale"]),  # W_s gets the official per-group gradient scale (PAPER.md §7)
     "T1": ([], ["--reassign", "1"]),  # re-cluster every epoch (DeepCluster's T)
-    "no_sobel": (["--no-sobel"], []),  # grey-level input instead of the fixed Sobel filters
+    "no_sobel": (["--no-sobel"], []),  # RGB input instead of the fixed grey + Sobel layer (grey images: grey levels)
     "lr_x2": ([], lambda a: ["--lr", f"{2 * a.lr:g}"]),  # twice the learning rate
     "epochs_x2": ([], lambda a: ["--epochs", str(2 * a.epochs)]),  # twice the images seen (and clusterings)
     "batch_x2": ([], lambda a: ["--batch_size", str(2 * a.batch_size), "--lr", f"{2 * a.lr:g}"]),  # half the steps
