@@ -194,9 +194,9 @@ def write_table(a, rows):
     lines += ["", "Accuracies in % (mean ± sample standard deviation over seeds); NMI is of the last clustering against "
               "the true classes, geometric normalisation (PAPER.md Eq. (18)); it is not corrected for chance: two "
               "unrelated partitions into hundreds of groups share information by chance, the more so the fewer images "
-              "per group (`scripts/clusters.py` measures that level); ARI is (0 = chance, 1 = the classes); "
-              "minutes/run: wall clock of the three stages, with the other runs of the sweep sharing the cores "
-              "(--jobs)."]
+              "per group (`scripts/clusters.py` measures that level); ARI (adjusted Rand index) is corrected for "
+              "chance (0 = chance, 1 = the classes); minutes/run: wall clock of the three stages, with the other runs "
+              "of the sweep sharing the cores (--jobs)."]
     lines += paired_table(rows)
     common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "table.md"))
     common.save_text(json.dumps({m: [summary(r) for r in runs] for m, runs in rows.items()}, indent=1),
