@@ -273,6 +273,9 @@ def main():
     p.add_argument("--k_sweep", type=int, nargs="*", default=[8, 40, 160, 1000])
     p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                    help="one-seed DeeperCluster variants to run as well (e.g. all of: " + " ".join(VARIANTS) + ")")
+    p.add_argument("--variant_seeds", type=int, nargs="*", default=[],
+                   help="more seeds of the --variants (runs variant_NAME_sSEED; the table compares each with the main "
+                        "table's deepercluster of that seed)")
     # One quoted string each: --train_flags "--crop_min 0.08 --reassign 3"; a single flag needs the = form, because
     # argparse reads a lone "--x" as an option of its own: --train_flags=--sub_grad_scale
     for stage in ("model", "train", "eval"):
@@ -313,6 +316,8 @@ def main():
         # it starts from is not the main table's
         tasks += [("random", a.seeds[0], [], f"variant_{v}_random", variant_flags(a, v)[0])
                   for v in a.variants if variant_flags(a, v)[0]]
+        tasks += [("deepercluster", s, variant_flags(a, v)[1], f"variant_{v}_s{s}", variant_flags(a, v)[0])
+                  for s in a.variant_seeds if s != a.seeds[0] for v in a.variants]
         tasks = list({t[3]: t for t in tasks}.values())  # one task per run folder (--seeds 0 0 would share one)
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             futures = {pool.submit(one_run, a, *t): t for t in tasks}
@@ -429,6 +434,18 @@ def collect(a):
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
                      f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} | "
                      f"{'–' if r['ari_labels'] is None else format(r['ari_labels'], '.4f')} |")
+    # More seeds of a variant (--variant_seeds): each next to the main table's runs of its own seed
+    for n in names:
+        if n.startswith("variant_") and n.rsplit("_", 1)[-1][1:].isdigit() and n.rsplit("_", 1)[-1][0] == "s":
+            v, s = n[len("variant_"):].rsplit("_s", 1)
+            res, ref, rnd = load(n), load(f"deepercluster_s{s}"), load(f"random_s{s}")
+            for label, r in ((f"{v}, seed {s}", res), (f"baseline, seed {s}", ref), (f"random init, seed {s}", rnd)):
+                if r is not None and v in VARIANTS and res is not None:
+                    r = summary(r)
+                    nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
+                    ari = "–" if r["ari_labels"] is None else f"{r['ari_labels']:.4f}"
+                    lines.append(f"| {label} | | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) "
+                                 f"| {pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} | {ari} |")
     base = [summary(r) for r in rows.get("deepercluster", [])]
     if len(base) > 1:  # the yardstick for a one-seed variant: how much the baseline itself moves between seeds
         sd = lambda get: pct(float(np.std([get(r) for r in base], ddof=1)))  # noqa: E731

@@ -24,6 +24,7 @@ def sweep(tmp_path_factory):
     p = reproduce(results, "--methods", "random", "--seeds", "0", "1", "--k_sweep", "--jobs", "2")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     p = reproduce(results, "--methods", "deepercluster", "--seeds", "0", "--k_sweep", "4", "8", "--variants", "m1", "no_sobel",
+                  "--variant_seeds", "1",
                   "--jobs", "2")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return results, p.stdout
@@ -57,6 +58,8 @@ def test_k_sweep_and_variants_tables(sweep):
     assert "| no_sobel, random init | `--no-sobel` |" in var and "| baseline, random init |" in var
     ref = open(results / "runs" / "variant_no_sobel_random" / "stdout.log").read()
     assert "--no-sobel" in ref and "04_train.py" not in ref and "variant_m1_random" not in os.listdir(results / "runs")
+    assert "| m1, seed 1 |" in var and "| random init, seed 1 |" in var  # --variant_seeds, beside that seed's runs
+    assert "--seed 1" in open(results / "runs" / "variant_m1_s1" / "stdout.log").read()
 
 
 def test_restart_skips_finished_runs_and_refuses_another_budget(sweep):
