@@ -165,6 +165,12 @@ def pct(x):
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def scores(r):
+    """'NMI | ARI' of a run's summary for the table cells ('–' where the run has no clusters)."""
+    nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
+    return nmi + " | " + ("–" if r["ari_labels"] is None else f"{r['ari_labels']:.4f}")
+
+
 def mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -356,9 +362,7 @@ def scaling_table(a, load, names):
              "|---|---|" + "---|" * (len(cols) + 2)]
     for m, rows in pts.items():
         for n, r in sorted(rows, key=lambda t: t[0]):
-            nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
-            ari = "–" if r["ari_labels"] is None else f"{r['ari_labels']:.4f}"
-            lines.append(f"| {m} | {n} | " + " | ".join(pct(get(r)) for _, get in cols) + f" | {nmi} | {ari} |")
+            lines.append(f"| {m} | {n} | " + " | ".join(pct(get(r)) for _, get in cols) + f" | {scores(r)} |")
     common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "n_scaling.md"))
     print("\n".join(lines), flush=True)
     import matplotlib
@@ -409,10 +413,8 @@ def collect(a):
         if res is None:
             continue
         r = summary(res)
-        nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
-        ari = "–" if r["ari_labels"] is None else f"{r['ari_labels']:.4f}"
-        lines.append(f"| {k} | {k // a.m} | {pct(r['knn20'])} | {pct(r['probe_best'])} | {pct(r['probe_fc7'])} | {nmi} "
-                     f"| {ari} |")
+        lines.append(f"| {k} | {k // a.m} | {pct(r['knn20'])} | {pct(r['probe_best'])} | {pct(r['probe_fc7'])} | "
+                     f"{scores(r)} |")
     if len(lines) > 2:
         common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "k_sweep.md"))
         print("\n".join(lines), flush=True)
@@ -430,10 +432,8 @@ def collect(a):
         f02, f04 = variant_flags(a, name) if name != "baseline" else ([], [])
         flags = " ".join(["(the main table's run)"] if name == "baseline" else f02 if "random" in v
                          else f04 if f02 == f04 else f02 + f04)
-        nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
         lines.append(f"| {v} | `{flags}` | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) | "
-                     f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} | "
-                     f"{'–' if r['ari_labels'] is None else format(r['ari_labels'], '.4f')} |")
+                     f"{pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {scores(r)} |")
     # More seeds of a variant (--variant_seeds): each next to the main table's runs of its own seed
     for n in names:
         if n.startswith("variant_") and n.rsplit("_", 1)[-1][1:].isdigit() and n.rsplit("_", 1)[-1][0] == "s":
@@ -442,10 +442,8 @@ def collect(a):
             for label, r in ((f"{v}, seed {s}", res), (f"baseline, seed {s}", ref), (f"random init, seed {s}", rnd)):
                 if r is not None and v in VARIANTS and res is not None:
                     r = summary(r)
-                    nmi = "–" if r["nmi_labels"] is None else f"{r['nmi_labels']:.3f}"
-                    ari = "–" if r["ari_labels"] is None else f"{r['ari_labels']:.4f}"
                     lines.append(f"| {label} | | {pct(r['knn20'])} | {pct(r['probe_best'])} ({r['probe_best_layer']}) "
-                                 f"| {pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {nmi} | {ari} |")
+                                 f"| {pct(r['layers'].get('13'))} | {pct(r['probe_fc7'])} | {scores(r)} |")
     base = [summary(r) for r in rows.get("deepercluster", [])]
     if len(base) > 1:  # the yardstick for a one-seed variant: how much the baseline itself moves between seeds
         sd = lambda get: pct(float(np.std([get(r) for r in base], ddof=1)))  # noqa: E731
