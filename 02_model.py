@@ -54,10 +54,15 @@ def channels(c, width):
     return max(1, round(c * width))
 
 
-def _linear_init_(weight, bias, generator=None):
-    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+def _linear_init_(weight, bias, generator=None, std=None):
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias; with
+    `std`, DeepCluster's top layer instead: weight N(0, std^2), bias 0 (PAPER.md §8)."""
     bound = 1 / math.sqrt(weight.shape[-1])
     with torch.no_grad():
+        if std is not None:
+            weight.normal_(0.0, std, generator=generator)
+            bias.zero_()
+            return
         weight.uniform_(-bound, bound, generator=generator)
         bias.uniform_(-bound, bound, generator=generator)
 
@@ -184,24 +189,27 @@ def row_generators(S, generator=None):
 
 
 class Heads(nn.Module):
-    """V = nn.Linear(d, S); W (S, k_s, d) and b (S, k_s) hold W_s and its bias as row s."""
+    """V = nn.Linear(d, S); W (S, k_s, d) and b (S, k_s) hold W_s and its bias as row s.
+    w_std: None = nn.Linear's default init for W_s (DeeperCluster); 0.01 = DeepCluster's top layer,
+    N(0, 0.01^2) weights and zero bias (PAPER.md §8)."""
 
-    def __init__(self, d, S, k_s, generator=None):
+    def __init__(self, d, S, k_s, generator=None, w_std=None):
         super().__init__()
-        self.d, self.S, self.k_s = int(d), int(S), int(k_s)
+        self.d, self.S, self.k_s, self.w_std = int(d), int(S), int(k_s), w_std
         self.V = nn.Linear(self.d, self.S)
         self.W = nn.Parameter(torch.empty(self.S, self.k_s, self.d))
         self.b = nn.Parameter(torch.empty(self.S, self.k_s))
         self.reset(generator)
 
     def reset(self, generator=None):
-        """Fresh heads after a re-clustering (PAPER.md §5.1): nn.Linear's default init. V draws
+        """Fresh heads after a re-clustering (PAPER.md §5.1): nn.Linear's default init (W_s:
+        w_std's normal init when given). V draws
         from `generator`, then S seeds, one per super-class; W_s, b_s draw from a generator of
         their own seeded with seed s. A rank that holds only some W_s (grouped.ShardedHeads)
         thus draws only its own rows and gets the same numbers as this single-process reset."""
         _linear_init_(self.V.weight, self.V.bias, generator)
         for s, g in enumerate(row_generators(self.S, generator)):
-            _linear_init_(self.W[s], self.b[s], g)
+            _linear_init_(self.W[s], self.b[s], g, self.w_std)
 
     def sub_head(self, t):
         """-> W_t (k_s, d), b_t (k_s,): the sub-class head of super-class t, views of row t."""

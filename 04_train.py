@@ -58,25 +58,31 @@ class Config:
     pca_dim: int = 64  # PCA-whitening dimension D (paper: 4096)
     niter: int = 10  # Lloyd iterations per k-means level (paper: 10)
     kmeans_backend: str = "auto"  # 03's E-step: auto (faiss when it can run there, else torch)
-    reassign: int = 2  # T: re-cluster every T epochs (paper: 3; DeepCluster: 1)
+    reassign: int = 0  # T: re-cluster every T epochs; 0 = the method's (paper: 3; DeepCluster: 1)
     epochs: int = 16  # total number of epochs (paper: 100)
     epoch_size: int = 0  # E images drawn per epoch, 0 = N (paper: about N)
     batch_size: int = 64  # global batch, split over ranks (paper: 48 per GPU x 64 GPUs = 3072)
-    lr: float = 0.05  # constant learning rate, trunk and heads (paper: 0.1 at batch 3072)
-    weight_decay: float = 1e-5  # SGD weight decay (paper: 1e-5)
+    # constant learning rate, trunk and heads; 0 = the method's official (lr, batch) scaled
+    # linearly to --batch_size (paper: 0.1 at batch 3072; RECIPES below)
+    lr: float = 0.0
+    weight_decay: float = -1.0  # SGD weight decay; < 0 = the method's (paper: 1e-5)
     momentum: float = 0.9  # SGD momentum (paper: 0.9)
     # re-initialise V each round: auto (when m > 1, §5.1) | always | never
     reset_super_head: str = "auto"
     # scale each W_s gradient by B/B_s, the official per-group mean (§7)
     sub_grad_scale: bool = False
     workers: int = 2  # DataLoader worker processes
-    # smallest RandomResizedCrop area fraction (paper: 0.08 at 224 px; README)
-    crop_min: float = 0.5
+    # smallest RandomResizedCrop area fraction; 0 = auto: 0.08 from 128 px up, 0.2 below (paper:
+    # 0.08 at 224 px; RECIPES below)
+    crop_min: float = 0.0
     amp: bool = False  # bf16 autocast + channels_last, on CPU or CUDA (not in the paper)
     deterministic: bool = False  # torch.use_deterministic_algorithms: a resumed run ends identical
     ckpt_minutes: float = 10.0  # also write 04_train_last.pt every N minutes of training (0 = off)
     ckpt_every: int = 0  # also write 04_train_last.pt every N iterations (0 = off)
     keep_every: int = 3  # keep 04_train_ep{E:03d}.pt every N epochs (and after the last one)
+    # keep 04_train_seen{N}.pt when N images have been seen, comma list (e.g. 250000,1000000): the
+    # points of a learning curve (05_eval.py evaluates a list of checkpoints)
+    keep_seen: str = ""
     resume: bool = True  # resume from <out_dir>/04_train_last.pt when it exists
     force: bool = False  # start afresh over an incompatible 04_train_last.pt instead of refusing
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -90,6 +96,41 @@ class Config:
 
 # ---- §8 five methods, one loop: super-classes S, sub-classes k_s, rotation on or off ----
 METHODS = ("deepercluster", "rotnet", "deepcluster", "deepcluster-2level", "supervised")
+
+# ---- §8 each method's own recipe, from its official code (PAPER.md §6, §8) ----
+# lr: the official (lr, batch) pair, scaled linearly to --batch_size (Goyal et al.'s rule; plain
+# SGD's update is a mean over the batch, so the per-sample step stays the official one).
+# T: re-clustering period in epochs. wd: weight decay. w_std / head_momentum: the sub-class head
+# W_s's init (None = nn.Linear's default) and its SGD momentum.
+RECIPES = {
+    # DeeperCluster main.sh: 0.1 at 48 x 64 = 3072, T = 3, default nn.Linear heads, momentum 0.9
+    "deepercluster": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9),
+    # DeepCluster main.py: 0.05 at 256, T = 1; its top layer is re-created at every clustering
+    # with N(0, 0.01) weights and zero bias and gets its own SGD without momentum
+    "deepcluster": dict(lr=(0.05, 256), T=1, wd=1e-5, w_std=0.01, head_momentum=0.0),
+    # DeeperCluster's two-level clustering without rotation: DeeperCluster's recipe
+    "deepcluster-2level": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9),
+    # RotNet (FeatureLearningRotNet, CIFAR): 0.1 at 128, weight decay 5e-4; no clustering
+    "rotnet": dict(lr=(0.1, 128), T=1, wd=5e-4, w_std=None, head_momentum=0.9),
+    # the labelled baseline: the usual ImageNet recipe for BN convnets, 0.1 at 256, wd 1e-4
+    "supervised": dict(lr=(0.1, 256), T=1, wd=1e-4, w_std=None, head_momentum=0.9),
+}
+
+
+RECIPE_KEYS = ("lr", "reassign", "weight_decay", "crop_min", "w_std", "head_momentum")
+
+
+def recipe(cfg):
+    """-> dict(lr, reassign, weight_decay, crop_min, w_std, head_momentum): the flags, where given,
+    else the method's recipe (RECIPES) at this run's batch size and image size."""
+    r = RECIPES[cfg.method]
+    lr0, batch0 = r["lr"]
+    # DEVIATION(paper): below 128 px the smallest crop keeps 20% of the image, not 8%, because at
+    # 32 px an 8% crop is a 9x9-pixel patch (README: the crop knob, measured on the curves).
+    crop_min = cfg.crop_min or (0.08 if cfg.image_size >= 128 else 0.2)
+    return dict(lr=cfg.lr or lr0 * cfg.batch_size / batch0, reassign=cfg.reassign or r["T"],
+                weight_decay=r["wd"] if cfg.weight_decay < 0 else cfg.weight_decay,
+                crop_min=crop_min, w_std=r["w_std"], head_momentum=r["head_momentum"])
 
 
 def method_setup(cfg, source):
@@ -262,9 +303,10 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
     """Train until cfg.epochs (from checkpoint `ck` when resuming); 04_train_last.pt holds the
     variables below. on_iteration(epoch, it): called after every step (tests signal from it)."""
     device, last = next(trunk.parameters()).device, os.path.join(cfg.out_dir, "04_train_last.pt")
-    ds = data.RotationDataset(source, cfg.image_size, cfg.seed, crop_scale=(cfg.crop_min, 1.0))
+    ds = data.RotationDataset(source, cfg.image_size, cfg.seed, crop_scale=(setup["crop_min"], 1))
     E = cfg.epoch_size or len(source)  # images per epoch, n_iter steps
     n_iter = E // cfg.batch_size
+    keep_seen = parse_seen(cfg.keep_seen)  # the learning curve's points, in images seen
     S, rotate = setup["S"], setup["rotate"]
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
     # clusters: the current round's labels u (super) and z (sub) of every image, PCA, centroids;
@@ -310,7 +352,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
             if plan is None:  # a new epoch (a resume inside one already has its plan)
                 round_stats = {}
                 # 1-2. Every T epochs: cluster, and reset the heads.
-                if setup["cluster"] and epoch % cfg.reassign == 0:
+                if setup["cluster"] and epoch % setup["reassign"] == 0:
                     clusters, round_stats = new_round(cfg, setup, source, trunk, heads, opts[1],
                                                       epoch, clusters, groups)
                 # 3. The epoch's plan, Eq. (14), seeded by (seed, epoch), never the global RNG.
@@ -332,6 +374,9 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
                 sums += train_step(model, opts, x, s.to(device), z.to(device), cfg.amp)
                 it += 1
                 seconds = seconds0 + time.time() - t0
+                seen = (epoch * n_iter + it) * cfg.batch_size  # images seen so far
+                for n_seen in (m for m in keep_seen if seen - cfg.batch_size < m <= seen):
+                    checkpoint(os.path.join(cfg.out_dir, f"04_train_seen{n_seen}.pt"))
                 if it % cfg.log_every == 0 or it == n_iter:
                     bar.set_postfix_str(report.progress(sums, seconds), refresh=False)
                 bar.update()
@@ -349,7 +394,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
                     checkpoint(last)
             bar.close()
             # 5. End of the epoch: one log line, the checkpoints, the curves.
-            metrics.append(report.epoch_line(epoch, sums, seconds, round_stats, cfg.lr))
+            metrics.append(report.epoch_line(epoch, sums, seconds, round_stats, setup["lr"]))
             epoch, it, plan = epoch + 1, 0, None
             checkpoint(last)
             if (cfg.keep_every and epoch % cfg.keep_every == 0) or epoch == cfg.epochs:
@@ -357,7 +402,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
             report.write_log(metrics, cfg.out_dir)
     except FloatingPointError as err:  # nothing saved: 04_train_last.pt keeps the last good state
         print(f"error: {err} at epoch {epoch} iteration {it}; stopped without saving, {last} "
-              f"keeps the last good state: lower --lr (now {cfg.lr})", file=sys.stderr)
+              f"keeps the last good state: lower --lr (now {setup['lr']:g})", file=sys.stderr)
         sys.exit(1)
     finally:
         stop.close()
@@ -370,17 +415,31 @@ COMPAT_MID_EPOCH = ("batch_size", "seed", "epoch_size", "crop_min")  # and a mid
 
 def check_flags(cfg):
     """Every numeric flag and choice, before any data is read."""
-    common.check_ranges(cfg, at_least_1=("k", "super_clusters", "niter", "reassign", "epochs",
+    common.check_ranges(cfg, at_least_1=("k", "super_clusters", "niter", "epochs",
                                          "batch_size", "log_every", "image_size"),
                         at_least_0=("subset", "epoch_size", "workers", "ckpt_every", "keep_every",
-                                    "world_size", "pca_dim", "weight_decay", "momentum",
+                                    "world_size", "pca_dim", "momentum", "reassign",
                                     "ckpt_minutes", "pca_sample"),
                         choices={"method": METHODS, "layout": ("replicated", "grouped"),
                                  "reset_super_head": ("auto", "always", "never")})
-    if not (cfg.lr > 0 and 0 < cfg.crop_min <= 1):
-        raise UserError(f"--lr {cfg.lr} must be > 0 and --crop_min {cfg.crop_min} in (0, 1]")
+    if not (cfg.lr >= 0 and 0 <= cfg.crop_min <= 1):
+        raise UserError(f"--lr {cfg.lr} must be > 0 (0 = the method's) and --crop_min "
+                        f"{cfg.crop_min} in (0, 1] (0 = auto)")
+    parse_seen(cfg.keep_seen)
     if (cfg.epoch_size or cfg.batch_size) < cfg.batch_size:
         raise UserError(f"--epoch_size {cfg.epoch_size} is less than one --batch_size")
+
+
+def parse_seen(text):
+    """--keep_seen '250000,1000000' -> [250000, 1000000]; a clear error for anything else."""
+    try:
+        seen = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--keep_seen {text!r}: give a comma list of image counts, e.g. "
+                        f"250000,1000000") from None
+    if seen and seen[0] < 1:
+        raise UserError(f"--keep_seen {text!r}: image counts must be >= 1")
+    return seen
 
 
 def load_start(cfg, last):
@@ -412,22 +471,23 @@ def main(cfg, on_iteration=None):
     source = data.make_source(cfg.data, "train", cfg.subset or None, cfg.seed)
     if (cfg.epoch_size or len(source)) < cfg.batch_size:
         raise UserError(f"--batch_size {cfg.batch_size} exceeds the {len(source)} images")
-    setup = method_setup(cfg, source)
+    setup = method_setup(cfg, source) | recipe(cfg)  # S, k_s, m, rotate; lr, T, crop, ...
+    common.log("recipe: " + ", ".join(f"{k} {setup[k]}" for k in RECIPE_KEYS))
     groups = grouped.make_groups(setup, rank, world) if grouped else None
     last = os.path.join(cfg.out_dir, "04_train_last.pt")
     trunk, ck = load_start(cfg, last)
     d, S, k_s = trunk.feature_dim, setup["S"], setup["k_s"]
-    heads = m02.Heads(d, S, k_s) if groups is None else grouped.ShardedHeads(d, S, k_s, groups.t)
+    w_std = setup["w_std"]  # DeepCluster's top layer: N(0, 0.01^2), bias 0
+    heads = (m02.Heads(d, S, k_s, w_std=w_std) if groups is None
+             else grouped.ShardedHeads(d, S, k_s, groups.t, w_std=w_std))
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
     net = Net(trunk, heads, cfg.sub_grad_scale).to(device, memory_format=fmt)
     # DIST: under torchrun, BatchNorm synced over all ranks, then DDP (or grouped.py's GroupedNet)
     model = parallel.wrap_ddp(net, device) if groups is None else grouped.wrap(net, device, groups)
-    sgd = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sgd = dict(lr=setup["lr"], momentum=cfg.momentum, weight_decay=setup["weight_decay"])
+    sgd_heads = sgd | {"momentum": setup["head_momentum"]}  # DeepCluster's top layer: none
     opts = (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),  # no Sobel
-            torch.optim.SGD(heads.parameters(), **sgd))
-    # DEVIATION(paper): RandomResizedCrop keeps at least --crop_min = 50% of the image (paper: 8%),
-    # because at 32 px an 8% crop is a 9x9-pixel patch whose rotation and cluster cannot be
-    # predicted (README, deviations).
+            torch.optim.SGD(heads.parameters(), **sgd_heads))
     torch.manual_seed(cfg.seed * 1000 + rank)  # the global torch RNG now only draws dropout masks
     if ck is None:  # a fresh run (the clustering methods reset the heads again at epoch 0)
         reset_heads(heads, opts[1], torch.Generator(device).manual_seed(cfg.seed * 7919), True)
@@ -438,8 +498,9 @@ def main(cfg, on_iteration=None):
             heads.load_state_dict(ck["heads"])
             opts[1].load_state_dict(ck["head_optimizer"])
         opts[0].load_state_dict(ck["optimizer"])
-        for group in opts[0].param_groups + opts[1].param_groups:
-            group.update(sgd)  # the flags win over the saved ones (e.g. a lower --lr after a NaN)
+        for opt, hyper in zip(opts, (sgd, sgd_heads)):  # the flags win over the saved ones
+            for group in opt.param_groups:  # (e.g. a lower --lr after a NaN)
+                group.update(hyper)
         common.set_rng_states(ck["rng"], rank, device)
     model.train()
     train(cfg, setup, source, trunk, heads, model, opts, ck, groups, on_iteration)

@@ -84,9 +84,9 @@ class ShardedHeads(nn.Module):
     b_t (k_s,), kept as W (1, k_s, d), b (1, k_s): row t of m02.Heads' stacked W (S, k_s, d),
     b (S, k_s)."""
 
-    def __init__(self, d, S, k_s, t):
+    def __init__(self, d, S, k_s, t, w_std=None):
         super().__init__()
-        self.d, self.S, self.k_s, self.t = int(d), int(S), int(k_s), int(t)
+        self.d, self.S, self.k_s, self.t, self.w_std = int(d), int(S), int(k_s), int(t), w_std
         self.V = nn.Linear(self.d, self.S)
         self.W = nn.Parameter(torch.empty(1, self.k_s, self.d))
         self.b = nn.Parameter(torch.empty(1, self.k_s))
@@ -98,7 +98,7 @@ class ShardedHeads(nn.Module):
         the same as row t of the single-process heads (on CPU and on a CUDA generator)."""
         m02._linear_init_(self.V.weight, self.V.bias, generator)
         g = m02.row_generators(self.S, generator)[self.t]
-        m02._linear_init_(self.W[0], self.b[0], g)
+        m02._linear_init_(self.W[0], self.b[0], g, self.w_std)
 
     def sub_head(self, t):
         """(W_t (k_s, d), b_t (k_s,)): m02.hierarchical_loss asks only for this rank's t

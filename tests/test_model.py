@@ -364,3 +364,14 @@ def test_cli_refuses_a_negative_fc_dim(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         common.run(M.main, M.Config, ["--out_dir", str(tmp_path), "--fc_dim", "-1"])
     assert e.value.code == 2 and "--fc_dim -1" in capsys.readouterr().err
+
+
+def test_deepcluster_top_layer_init():
+    """w_std = 0.01: W_s ~ N(0, 0.01^2) and b_s = 0 (DeepCluster's top layer, PAPER.md §8); V keeps nn.Linear's init;
+    the default stays nn.Linear's U(-1/sqrt(d), 1/sqrt(d))."""
+    d = 256
+    h = M.Heads(d, 1, 400, generator=torch.Generator().manual_seed(0), w_std=0.01)
+    assert abs(h.W.std().item() - 0.01) < 5e-4 and abs(h.W.mean().item()) < 5e-4 and not h.b.any()
+    plain = M.Heads(d, 1, 400, generator=torch.Generator().manual_seed(0))
+    assert plain.W.abs().max() <= 1 / d ** 0.5 and plain.b.abs().max() > 0
+    assert torch.equal(h.V.weight, plain.V.weight)  # the same draws for V either way

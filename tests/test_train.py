@@ -81,8 +81,26 @@ def test_method_errors():
         t4.check_flags(t4.Config(epoch_size=10, batch_size=64))
     with pytest.raises(common.UserError, match="--lr -0.1"):
         t4.check_flags(t4.Config(lr=-0.1))
-    with pytest.raises(common.UserError, match="--reassign 0"):
-        t4.check_flags(t4.Config(reassign=0))
+    with pytest.raises(common.UserError, match="--reassign -1"):
+        t4.check_flags(t4.Config(reassign=-1))
+    with pytest.raises(common.UserError, match="--keep_seen '1e6'"):
+        t4.check_flags(t4.Config(keep_seen="1e6"))
+
+
+def test_each_method_has_its_official_recipe():
+    """lr = the official (lr, batch) pair scaled linearly to --batch_size (PAPER.md §6, §8); T, weight decay and
+    DeepCluster's top layer (N(0, 0.01), no momentum) per method; any flag given wins."""
+    dc = t4.recipe(t4.Config(method="deepcluster", batch_size=64))
+    assert dc == dict(lr=pytest.approx(0.05 * 64 / 256), reassign=1, weight_decay=1e-5, crop_min=0.2, w_std=0.01,
+                      head_momentum=0.0)
+    deeper = t4.recipe(t4.Config(method="deepercluster", batch_size=3072, image_size=224))
+    assert deeper == dict(lr=pytest.approx(0.1), reassign=3, weight_decay=1e-5, crop_min=0.08, w_std=None,
+                          head_momentum=0.9)
+    rot = t4.recipe(t4.Config(method="rotnet", batch_size=64))
+    assert rot["lr"] == pytest.approx(0.05) and rot["weight_decay"] == 5e-4
+    given = t4.recipe(t4.Config(method="deepcluster", lr=0.3, reassign=5, crop_min=0.5, weight_decay=0.0))
+    assert (given["lr"], given["reassign"], given["crop_min"], given["weight_decay"]) == (0.3, 5, 0.5, 0.0)
+    assert set(t4.RECIPES) == set(t4.METHODS)
 
 
 # ---- the uniform sampler, Eq. (14) ----
@@ -205,7 +223,7 @@ def runs(tmp_path_factory):
                         "32"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     a = base / "a"
-    p = train(a, "--init", str(init))
+    p = train(a, "--init", str(init), "--keep_seen", "64,100,320")
     assert p.returncode == 0, p.stderr
     return SimpleNamespace(base=base, init=init, a=a, out_a=p.stdout + p.stderr)
 
@@ -231,6 +249,19 @@ def test_two_epochs_outputs(runs):
     assert ck["super"].shape == ck["sub"].shape == (160,) and ck["super"].dtype == torch.long
     assert ck["pca_proj"].shape == (256, 16) and ck["centroids_sub"].shape == (2, 8, 16)
     m02.load_trunk(str(a / "04_train_last.pt"))  # 05 reads it through 02's loader
+
+
+def test_learning_curve_checkpoints(runs):
+    """--keep_seen 64,100,320 at batch 32 (5 steps an epoch): kept after 64, 128 (the first step at or past 100) and
+    320 images seen; the last one is the final trunk, the earlier ones differ from it."""
+    a = runs.a
+    assert sorted(f.name for f in a.glob("04_train_seen*.pt")) == [
+        "04_train_seen100.pt", "04_train_seen320.pt", "04_train_seen64.pt"]
+    at = {n: load(a / f"04_train_seen{n}.pt") for n in (64, 100, 320)}
+    assert (at[64]["epoch"], at[64]["iteration"]) == (0, 2) and (at[100]["epoch"], at[100]["iteration"]) == (0, 4)
+    last = load(a / "04_train_last.pt")["model"]
+    assert all(torch.equal(at[320]["model"][k], v) for k, v in last.items())
+    assert not torch.equal(at[64]["model"]["features.0.weight"], last["features.0.weight"])
 
 
 def killed(out, at, sig, where="boundary", *extra):
