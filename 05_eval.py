@@ -54,7 +54,9 @@ class Config:
     probe_batch: int = 256  # (paper: 256)
     probe_aug: bool = False  # paper: new RandomResizedCrop+flip every epoch (slow); default: cached
     probe_standardize: bool = True  # BN without affine before the linear layer; --no-... = paper
-    knn_layer: str = "fc7"  # kNN feature: fc7 (phi) or one conv layer 1..13 (pooled as for probes)
+    # kNN feature(s): fc7 (phi) or conv layers 1..13 (pooled as for probes), a comma list; the
+    # first is the headline number
+    knn_layer: str = "fc7"
     knn_k: str = "20,200"  # neighbours, comma list (common choice: 200)
     knn_tau: float = 0.07  # temperature of the vote weights exp(sim / tau)
     clusters_grid: int = 8  # clusters drawn in 05_eval_clusters.png (0 = no figure)
@@ -323,25 +325,27 @@ def voc_transfer(model, root, mode, cfg, device):
 CLUSTERING = ("deepcluster", "deepercluster")  # methods with clusters of their own (rotnet: one)
 
 
-def feature_evals(model, ins, layers, knn_layer, ks, cfg, device):
-    """§9.1 probes on every layer and §9.3 kNN on one, for one trunk, from cached features."""
+def feature_evals(model, ins, layers, knn_layers, ks, cfg, device):
+    """§9.1 probes on every layer and §9.3 kNN on each knn layer, for one trunk, from cached
+    features. -> (probes, {knn layer: {k: accuracy}})."""
     y_tr, y_te = ins["y_tr"], ins["y_te"]
     n_classes = int(max(y_tr.max(), y_te.max())) + 1
     x0 = torch.zeros(1, 3, model.image_size, model.image_size, device=device)
     with torch.no_grad():
-        dims = {l: f.shape[1] for l, f in pooled(model.eval(), x0, layers + [knn_layer]).items()}
+        want = layers + [l for l in knn_layers if l not in layers]
+        dims = {l: f.shape[1] for l, f in pooled(model.eval(), x0, want).items()}
     probes, knn = {}, {}
     for chunk in report.layer_chunks(dims, len(y_tr) + len(y_te)):  # passes that fit in memory
         t0 = time.time()
         f_tr = extract(model, ins["b_tr"], chunk, device)  # {layer: (N_train, D)}
         f_te = extract(model, ins["b_te"], chunk, device)  # {layer: (N_test, D)}
         common.log(f"features of {chunk}: {time.time() - t0:.1f} s ({len(y_tr)} + {len(y_te)})")
-        if knn_layer in chunk:
-            preds = knn_predict(f_tr[knn_layer], y_tr, f_te[knn_layer], n_classes, ks, cfg.knn_tau)
-            knn = {str(k): (p == y_te).float().mean().item() for k, p in preds.items()}
-            common.log(f"kNN on {knn_layer}: "
-                       + ", ".join(f"k={k} {report.pct(knn[str(k)])}%" for k in ks))
-            knn |= {"layer": str(knn_layer), "tau": cfg.knn_tau}
+        for kl in (l for l in knn_layers if l in chunk):
+            preds = knn_predict(f_tr[kl], y_tr, f_te[kl], n_classes, ks, cfg.knn_tau)
+            acc = {str(k): (p == y_te).float().mean().item() for k, p in preds.items()}
+            common.log(f"kNN on {report.layer_name(kl)}: "
+                       + ", ".join(f"k={k} {report.pct(acc[str(k)])}%" for k in ks))
+            knn[str(kl)] = acc | {"layer": str(kl), "tau": cfg.knn_tau}
         for l in (l for l in chunk if l in layers):
             probes[str(l)] = p = run_probe(model, l, f_tr[l], y_tr, f_te[l], y_te, n_classes, cfg,
                                            device, ins["source"])
@@ -366,7 +370,7 @@ def cluster_evals(model, meta, spec, png, cfg, device):
 
 def main(cfg):
     common.log(f"05_eval config: {asdict(cfg)}")
-    layers, knn_layer, ks, voc_root = report.check_flags(cfg, VOC_TEST_SPLIT)
+    layers, knn_layers, ks, voc_root = report.check_flags(cfg, VOC_TEST_SPLIT)
     device = common.pick_device(cfg.device)
     paths, loaded, spec = report.load_checkpoints(cfg)  # all checked before any work
     png = f"{cfg.out_dir}/05_eval_clusters.png" if cfg.clusters_grid else None
@@ -381,7 +385,9 @@ def main(cfg):
             inputs[model.image_size] = report.labelled_inputs(spec, model.image_size, cfg)
         if inputs[model.image_size]:  # §9.1, §9.3
             ins = inputs[model.image_size]
-            r["probe"], r["knn"] = feature_evals(model, ins, layers, knn_layer, ks, cfg, device)
+            r["probe"], knn = feature_evals(model, ins, layers, knn_layers, ks, cfg, device)
+            r["knn"] = knn[str(knn_layers[0])]  # the headline kNN; every layer's in knn_layers
+            r["knn_layers"] = knn
         if meta["super"] is not None and meta["method"].split()[0] in CLUSTERING:  # §9.3
             r["clusters"] = cluster_evals(model, meta, spec, png, cfg, device)
             png = None  # one figure: the first checkpoint with clusters

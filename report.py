@@ -52,7 +52,7 @@ def parse_layers(spec, flag="--layers"):
 
 def check_flags(cfg, voc_pairs):
     """Every flag of 05, before any work: a one-line error naming it. voc_pairs: {train split: test
-    split} (PAPER.md §9.2). -> (layers, knn layer, ks, VOC root)."""
+    split} (PAPER.md §9.2). -> (layers, knn layers, ks, VOC root)."""
     for name, low in AT_LEAST.items():
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= low):  # nan, inf too
             raise common.UserError(f"--{name} {getattr(cfg, name)}: must be a number >= {low}")
@@ -71,9 +71,9 @@ def check_flags(cfg, voc_pairs):
                                f"or >= 32, so that conv13 keeps a 2x2 map for pool5")
     if not all(k.strip().isdigit() and int(k) > 0 for k in cfg.knn_k.split(",")):
         raise common.UserError(f"--knn_k {cfg.knn_k}: use positive integers, e.g. 20,200")
-    knn_layer = parse_layers(cfg.knn_layer, "--knn_layer")
-    if len(knn_layer) != 1:
-        raise common.UserError(f"--knn_layer {cfg.knn_layer}: give one layer, fc7 or 1..13")
+    knn_layers = parse_layers(cfg.knn_layer, "--knn_layer")
+    if not knn_layers:
+        raise common.UserError(f"--knn_layer {cfg.knn_layer}: give fc7 or 1..13, or a comma list")
     root = os.path.expanduser(cfg.voc[8:]) if cfg.voc.startswith("voc2007:") else ""
     if cfg.voc and not os.path.isdir(os.path.join(root, "JPEGImages")):
         raise common.UserError(f"--voc {cfg.voc}: expected voc2007:PATH, PATH/JPEGImages and "
@@ -81,7 +81,7 @@ def check_flags(cfg, voc_pairs):
     for split in [cfg.voc_train_split, voc_pairs[cfg.voc_train_split]] if root else []:
         parse_voc(root, split)  # both splits' label files, read now rather than after the probes
     ks = [int(k) for k in cfg.knn_k.split(",")]
-    return parse_layers(cfg.layers), knn_layer[0], ks, root
+    return parse_layers(cfg.layers), knn_layers, ks, root
 
 
 # PASCAL VOC 2007's files: the VOCdevkit layout (PATH/JPEGImages, PATH/ImageSets/Main)

@@ -234,7 +234,7 @@ def test_stage_subprocess(tmp_path):
     p = run("05_eval.py", "--out_dir", str(out), "--data", "synthetic", "--layers", "2,13,fc7", "--train_subset", "160",
             "--test_subset", "60", "--probe_epochs", "2", "--clusters_grid", "2", "--voc", f"voc2007:{voc}",
             "--voc_mode", "both", "--voc_iters", "3", "--voc_batch", "4", "--voc_crops", "2", "--knn_k", "5,20",
-            "--voc_stepsize_all", "2")
+            "--voc_stepsize_all", "2", "--knn_layer", "fc7,3")
     assert p.returncode == 0, p.stderr
     for f in ("05_eval.json", "05_eval.md", "05_eval_layers.png", "05_eval_clusters.png"):
         assert (out / f).exists(), f
@@ -243,6 +243,7 @@ def test_stage_subprocess(tmp_path):
     for r in res:
         assert set(r["probe"]) == {"2", "13", "fc7"} and all(0 <= v["acc"] <= 1 for v in r["probe"].values())
         assert set(r["knn"]) >= {"5", "20"} and set(r["voc"]) == {"fc6-8", "all"}
+        assert set(r["knn_layers"]) == {"fc7", "3"} and r["knn"] == r["knn_layers"]["fc7"]  # the first: headline
         assert all(0 <= r["voc"][m]["map"] <= 1 for m in r["voc"])
         # --voc_mode both: each mode with its own settings (PAPER.md §9.2: wd 1e-5 / 1e-4)
         assert (r["voc"]["fc6-8"]["wd"], r["voc"]["fc6-8"]["stepsize"]) == (1e-5, 40)

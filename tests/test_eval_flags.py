@@ -28,7 +28,7 @@ def refused(capsys, tmp_path, *argv):
     ("--voc_stepsize_all", "-3"), ("--voc_wd_fc68", "-1"), ("--voc_wd_all", "nan"), ("--voc_batch", "0"),
     ("--voc_image_size", "-1"), ("--voc_image_size", "16"), ("--voc_crops", "0"), ("--batch_size", "0"),
     ("--workers", "-1"), ("--seed", "-1"), ("--knn_k", "abc"), ("--knn_k", "20,0"), ("--knn_k", "20,-5"),
-    ("--knn_layer", "14"), ("--knn_layer", "2,4"), ("--layers", "0"), ("--sobel", "maybe"),
+    ("--knn_layer", "14"), ("--knn_layer", "none"), ("--layers", "0"), ("--sobel", "maybe"),
     ("--voc_mode", "fc7"), ("--voc_train_split", "val"), ("--voc_train_split", "test"),
     ("--voc", "voc2007:/nonexistent"), ("--voc", "/no/prefix")])
 def test_bad_flag_is_one_line_naming_it(capsys, tmp_path, flag, value):
