@@ -214,7 +214,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="folder:data/tiny-imagenet")
     p.add_argument("--results", default="", help="default results/<data name>-<image_size>")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--max_seen", type=int, default=1_000_000, help="train every run up to this many images")
     p.add_argument("--points", type=lambda s: [int(x) for x in s.split(",")],
