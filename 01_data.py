@@ -6,7 +6,7 @@ training view a(x) (random resized crop + flip, §5.4) followed by rho_r in a ro
 (§2.1, §5.2); and the clustering view (resize + center crop, no rotation, §4.1) that 03 embeds.
 The views are torchvision v2 transforms; the training view draws from a generator seeded per
 sample, so a resumed or multi-worker run sees exactly the views an uninterrupted one does. Images:
-from sources.py (plumbing a first reader can skip) through make_source(spec, split, subset, seed):
+from support/sources.py (plumbing a first reader can skip) through make_source(spec, split, subset, seed):
   fashion-mnist[:ROOT] (default), cifar10:ROOT, tinyimagenet:ROOT, folder:PATH, yfcc100m:PATH,
   synthetic[:N]; unreadable image files are left out and counted.
 
@@ -17,7 +17,8 @@ Writes: <out_dir>/01_data.json (spec, N, image size, classes and per-class count
 Run:    python 01_data.py --data fashion-mnist --out_dir out --subset 1000 --image_size 32
         python 01_data.py --data tinyimagenet:~/tiny-imagenet-200 --out_dir out
         (no torchrun here: later stages build these datasets in every rank and DataLoader worker)
-Uses:   sources.make_source (the image sources), common (run, UserError, save_json, log)
+Uses:   support.sources.make_source (the image sources), support.common (run, UserError,
+        save_json, save_figure, log)
 """
 import functools
 import hashlib
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-import common
-from sources import make_source  # noqa: F401  sources.py: the --data sources (data.make_source)
+from support import common
+from support.sources import make_source  # noqa: F401  the --data sources (data.make_source)
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,7 @@ class ClusterDataset(torch.utils.data.Dataset):
 
 # ---- the script: check a source, describe it, draw the pretext task ----
 def plot_rotations(src, image_size, seed, path, rows=6):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     if src.labels is not None:  # one image of each of the first classes
         picks = [int(np.flatnonzero(src.labels == c)[0]) for c in np.unique(src.labels)[:rows]]
     else:
@@ -170,9 +169,7 @@ def plot_rotations(src, image_size, seed, path, rows=6):
     fig.suptitle(f"{src.spec}: the rotation task (r quarter turns counter-clockwise, label r)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png", dpi=100)
-    os.replace(path + ".tmp", path)  # atomic, like every write (STYLE.md §5)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)  # atomic, like every write (STYLE.md §5)
 
 
 def main(cfg):

@@ -6,19 +6,18 @@ super-cluster u) and, inside it, a sub-class z (a k-means cluster of u). Instead
 softmax (Eq. (5)), an S-way head V and S small k_s-way heads W_s share the trunk (Eq. (8)), so each
 sample costs one S-way and one k_s-way softmax. This file builds the trunk phi (fc7 before its ReLU:
 the feature 03 clusters), the heads and the loss. RotNet (S = 4, k_s = 1) and DeepCluster (S = 1)
-are settings of the same code (PAPER.md §8). Run as a script, it prints the layer table and the
-parameter counts and saves the initial weights. Reading trunk weights from files (our checkpoints,
-official DeeperCluster ones, torchvision's) is interop.py's job; load_trunk here forwards to it.
+are settings of the same code (PAPER.md §8, method_shape). Run as a script, it prints the layer
+table and the parameter counts and saves the initial weights. Reading trunk weights from files (our
+checkpoints, official DeeperCluster ones, torchvision's) is support/interop.py's job.
 
 Paper:  PAPER.md §1 (notation), §3 Eq. (8)-(9), §5.3 (network), §7 (gradient scale), §8
-Reads:  nothing (load_trunk: 02/04 checkpoints, official DeeperCluster files, torchvision weights)
+Reads:  nothing
 Writes: <out_dir>/02_model_init.pt {format, version, stage, config, arch, model, heads}
 Run:    python 02_model.py --out_dir out/demo
         python 02_model.py --out_dir out/full --width 1 --image_size 224  # paper trunk: 134.3M
         python 02_model.py --out_dir out/rgb --no-sobel --super_classes 4 --k 1  # a RotNet model
-Uses:   common (run, UserError, ckpt_header, save_ckpt); interop.load_trunk
+Uses:   support.common (run, UserError, ckpt_header, save_ckpt, all_reduce_sum)
 """
-import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from support import common
 
 
 @dataclass(frozen=True)
@@ -179,6 +178,25 @@ def build_model(arch, generator=None):
                generator=generator)
 
 
+# ---- §8 the methods as settings of one network: S super-classes, k_s sub-classes each ----
+METHODS = ("deepercluster", "rotnet", "deepcluster", "deepcluster-2level", "supervised")
+
+
+def method_shape(method, k, m, n_classes=None):
+    """-> dict(S, m, k_s, rotate, cluster) of a method (PAPER.md §8). deepercluster: S = 4m
+    (super-cluster, rotation) pairs, k_s = k/m. deepcluster: one super-cluster, so S = 1 and V is a
+    1-way head (loss 0), W_0 the k-way head of Eq. (4), no rotation. deepcluster-2level: S = m,
+    no rotation. rotnet: S = 4 rotations, k_s = 1 (a loss of 0), no clustering. supervised: S = 1,
+    k_s = n_classes, the true labels as z."""
+    if method == "rotnet":
+        return dict(S=4, m=1, k_s=1, rotate=True, cluster=False)
+    if method == "supervised":
+        return dict(S=1, m=1, k_s=n_classes, rotate=False, cluster=False)
+    m = 1 if method == "deepcluster" else m
+    rotate = method == "deepercluster"
+    return dict(S=4 * m if rotate else m, m=m, k_s=k // m, rotate=rotate, cluster=True)
+
+
 # ---- §3 the heads: V (S-way) and W_0..W_{S-1} (k_s-way each), stacked ----
 def row_generators(S, generator=None):
     """-> S generators, the s-th seeded by the s-th of S seeds drawn from `generator`: one per
@@ -203,21 +221,17 @@ class Heads(nn.Module):
 
     def reset(self, generator=None):
         """Fresh heads after a re-clustering (PAPER.md §5.1): nn.Linear's default init (W_s:
-        w_std's normal init when given). V draws
-        from `generator`, then S seeds, one per super-class; W_s, b_s draw from a generator of
-        their own seeded with seed s. A rank that holds only some W_s (grouped.ShardedHeads)
-        thus draws only its own rows and gets the same numbers as this single-process reset."""
+        w_std's normal init when given). V draws from `generator`, then S seeds, one per
+        super-class; W_s, b_s draw from a generator of their own seeded with seed s, so any W_s
+        can be drawn alone and equals its row here (the paper's layout shards the heads)."""
         _linear_init_(self.V.weight, self.V.bias, generator)
         for s, g in enumerate(row_generators(self.S, generator)):
             _linear_init_(self.W[s], self.b[s], g, self.w_std)
 
-    def sub_head(self, t):
-        """-> W_t (k_s, d), b_t (k_s,): the sub-class head of super-class t, views of row t."""
-        return self.W[t], self.b[t]
-
     def sub_heads(self, ts):
-        """[sub_head(t) for t in ts], from one unbind of W and of b: backward then writes W's
-        gradient once, where each W[t] would zero-fill an (S, k_s, d) gradient of its own."""
+        """[(W_t (k_s, d), b_t (k_s,)) for t in ts], the sub-class heads of super-classes ts, views
+        of rows of W and b from one unbind of each: backward then writes W's gradient once, where
+        each W[t] would zero-fill an (S, k_s, d) gradient of its own."""
         W, b = self.W.unbind(0), self.b.unbind(0)
         return [(W[t], b[t]) for t in ts]
 
@@ -232,6 +246,8 @@ def scale_grad(x, c):
 
 
 # ---- §3 the hierarchical loss, Eq. (8), and the accuracies of Eq. (9) ----
+# hierarchical_loss's outputs that 04 logs (sums over the batch, per epoch): 04_train_log.jsonl
+TRAIN_KEYS = ("loss", "loss_super", "loss_sub", "acc_super", "acc_sub", "acc_joint")
 # Eq. (8)  L = (1/N) sum_n [ l(V f(x~_n), s_n) + sum_s y_ns * l(W_s f(x~_n), z_n) ],  f = ReLU(phi)
 # The one-hot y_n keeps one term of the inner sum. Sorted by s, the batch is one block per
 # super-class t, so the sub-class term is one GEMM per super-class present: (B_t, d) @ (d, k_s).
@@ -240,13 +256,13 @@ def scale_grad(x, c):
 # per-group mean (PAPER.md §7), because one loss over one mixed batch is the plain single-process
 # reading; sub_grad_scale=True restores the official scale.
 def hierarchical_loss(heads, phi, s, z, sub_grad_scale=False):
-    """phi (B, d) fc7 before ReLU, s (B,) super-class, z (B,) sub-class local to s -> dict of the
-    losses (tensors) and the accuracies (floats).
+    """phi (B, d) fc7 before ReLU, s (B,) super-class, z (B,) sub-class local to s -> {TRAIN_KEYS:
+    0-dim tensors}: the losses (with gradient) and the accuracies (no host sync).
 
-    heads: V (d -> S), S and sub_head(t) -> (W_t, b_t), or sub_heads([t, ...]) (Heads); the grouped
-    layout's heads hold only their own W_t. RotNet (S = 4, k_s = 1): the k_s-way term is a 1-way
-    softmax, always 0, so L = CE(V f, r). DeepCluster (S = 1): the S-way term is 0, so
-    L = CE(W_0 f, z), Eq. (4).
+    heads: V (d -> S), S and sub_heads([t, ...]) -> [(W_t, b_t), ...] (Heads, or the paper's
+    sharded layout whose heads hold only their own W_t). RotNet (S = 4, k_s = 1): the k_s-way
+    term is a 1-way softmax, always 0, so L = CE(V f, r). DeepCluster (S = 1): the S-way term is
+    0, so L = CE(W_0 f, z), Eq. (4).
     sub_grad_scale=True: the gradient that reaches W_t, b_t is multiplied by B/B_t, so W_t.grad is
     the mean over group t only, as in the official layout (PAPER.md §7); loss values and the
     gradients of V and of the trunk stay those of the batch mean. B_t counts this process's batch.
@@ -259,12 +275,8 @@ def hierarchical_loss(heads, phi, s, z, sub_grad_scale=False):
     B_s = torch.bincount(s, minlength=heads.S).tolist()  # [B_0 .. B_{S-1}], one host sync
     present = [t for t in range(heads.S) if B_s[t] > 0]
     f_blocks = f[order].split([B_s[t] for t in present])  # one (B_t, d) block per t present
-    if hasattr(heads, "sub_heads"):
-        W_b = heads.sub_heads(present)  # Heads: all rows at once
-    else:
-        W_b = [heads.sub_head(t) for t in present]  # e.g. the grouped layout's single W_t
     logits_sub = []
-    for t, f_t, (W_t, b_t) in zip(present, f_blocks, W_b):  # W_t (k_s, d), b_t (k_s,)
+    for t, f_t, (W_t, b_t) in zip(present, f_blocks, heads.sub_heads(present)):  # (k_s, d), (k_s,)
         if sub_grad_scale and B_s[t] < B:  # B/B_t = 1 when the batch is one group (grouped layout)
             W_t = scale_grad(W_t, B / B_s[t])
             b_t = scale_grad(b_t, B / B_s[t])
@@ -278,17 +290,20 @@ def hierarchical_loss(heads, phi, s, z, sub_grad_scale=False):
         ok_super = (logits_super.argmax(1) == s)[order]
         ok_sub = logits_sub.argmax(1) == z_sorted  # with the true super-class's head W_{s_n}
         ok_joint = ok_super & ok_sub  # Eq. (9)
-        acc = torch.stack([ok_super, ok_sub, ok_joint]).float().mean(1).tolist()  # one host sync
+        acc = torch.stack([ok_super, ok_sub, ok_joint]).float().mean(1)  # (3,) on the device
     return dict(loss=loss, loss_super=loss_super, loss_sub=loss_sub,
                 acc_super=acc[0], acc_sub=acc[1], acc_joint=acc[2])
 
 
-# ---- interop: reading trunk weights from files (interop.py) ----
-def load_trunk(path_or_sd, sobel=None):
-    """-> (VGG, info): our 02/04 checkpoints, official DeeperCluster files, torchvision state dicts.
-    sobel: the setting the caller expects; a mismatch is an error (PAPER.md §11 pitfall 7)."""
-    interop = importlib.import_module("interop")  # interop.py; here, since it imports this file
-    return interop.load_trunk(path_or_sd, sobel)
+def batch_sums(out, b):
+    """(7,) float64 on the device: hierarchical_loss's TRAIN_KEYS times b, then b, summed over the
+    ranks' parts of the global batch (DIST: one all-reduce). Raises FloatingPointError, before
+    any update, when the loss is not finite (one host sync per step)."""
+    vals = torch.stack([out[k].detach().double() for k in TRAIN_KEYS]) * b
+    sums = common.all_reduce_sum(torch.cat([vals, vals.new_tensor([b])]))
+    if not torch.isfinite(sums).all():
+        raise FloatingPointError(f"non-finite loss ({float(sums[0] / sums[-1]):.4g})")
+    return sums
 
 
 # ---- the script: layer table, parameter counts, initial weights ----

@@ -7,13 +7,13 @@ of the images (§7). 04_train.py calls `cluster()` every T epochs; run alone, th
 with a saved trunk, at the trunk's own width, Sobel setting and input size.
 
 Paper:  PAPER.md §4 (Eq. (10)-(13)), §7 (sharded k-means), §9.3 Eq. (18), §11 pitfalls 1, 2, 6.
-Reads:  <out_dir>/02_model_init.pt (or --ckpt: any checkpoint 02_model.load_trunk reads),
+Reads:  <out_dir>/02_model_init.pt (or --ckpt: any checkpoint support.interop.load_trunk reads),
         <out_dir>/03_kmeans.npz when present (the previous clustering, for NMI)
 Writes: <out_dir>/03_kmeans.npz {super, sub, centroids_super, centroids_sub, pca_mean, pca_proj,
         k_s}, <out_dir>/03_kmeans.json (cluster sizes, empty clusters split, objectives, NMI)
 Run:    python 03_kmeans.py --out_dir out/demo --k 160 --super_clusters 4
         torchrun --nproc_per_node=2 03_kmeans.py --out_dir out/demo --k 160 --super_clusters 4
-Uses:   01_data.make_source, 01_data.ClusterDataset, 02_model.load_trunk
+Uses:   01_data.make_source, 01_data.ClusterDataset; support.interop.load_trunk (02's VGG)
 """
 import dataclasses
 import importlib
@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-import common
-from common import UserError
+from support import common
+from support.common import UserError
 
 try:  # optional: the E-step speed-up on CPU (faiss-cpu); the torch E-step needs nothing
     import faiss
@@ -35,8 +35,7 @@ except ImportError:
 
 CHUNK = 2 ** 24  # values per temporary in the loops over chunks of rows below (64 MB in fp32)
 data = importlib.import_module("01_data")  # 01_data.py: sources and the clustering transform
-model_lib = importlib.import_module("02_model")  # 02_model.py: load_trunk (φ = fc7 before ReLU)
-report = importlib.import_module("report")  # report.py: the clustering diagnostics (NMI, sizes)
+from support import clusterstats, interop  # sizes and NMI of a round; reading a trunk checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,36 +268,41 @@ def check_sizes(N, k, m):
         raise UserError(f"--k {k} is not a multiple of --super_clusters {m} (k_s = k/m, Eq. (7))")
 
 
-def two_level(x, k, m, niter=10, seed=0, backend="auto", groups=None):
+def level2(x, u, n_u, k_s, niter, seed, backend):
+    """Level 2: k-means into k_s inside each super-cluster v, on v's members alone -> (z (n,) local
+    to u, centroids_sub (m, k_s, D), clusters split, objective_sub (niter+1,) weighted by size,
+    small super-clusters). Every rank runs the same loop, so the collectives inside stay in step;
+    the paper's layout clusters each v in its own group of ranks (scaleout/grouped.py)."""
+    m, N = len(n_u), int(n_u.sum())
+    z, small, split_sub, obj_sub = torch.zeros_like(u), [], 0, np.zeros(niter + 1)
+    c_sub = torch.zeros(m, k_s, x.shape[1], device=x.device)  # (m, k_s, D)
+    for v in range(m):
+        mem = (u == v).nonzero().squeeze(1)
+        if n_u[v] < k_s:
+            # DEVIATION(paper): a super-cluster with n_u < k_s points gets one sub-class per
+            # point (ids 0..n_u-1, the others stay empty), because the official draw with
+            # replacement only makes empty duplicates.
+            z[mem] = _offset(mem)[1] + torch.arange(len(mem), device=x.device)  # index order
+            c_sub[v, : n_u[v]] = common.all_gather_cat(x[mem])  # (n_u, D), tiny: n_u < k_s
+            small.append(v)
+        else:  # k-means on u's members alone (k_s = 1: z = 0, the mean)
+            c_sub[v], z[mem], st = kmeans(x[mem], k_s, niter, seed + 1 + v, backend)
+            split_sub += st["n_empty_split"]
+            obj_sub += np.array(st["objective"]) * n_u[v].item() / N  # small u: 0
+    return z, c_sub, split_sub, obj_sub, small
+
+
+def two_level(x, k, m, niter=10, seed=0, backend="auto", level2_fn=level2):
     """-> dict(super (n,), sub (n,) in 0..k_s-1, centroids_super (m, D), centroids_sub (m, k_s, D),
-    k_s, stats) for this rank's shard x (n, D). groups: the grouped layout's (same result)."""
+    k_s, stats) for this rank's shard x (n, D). level2_fn: level2, or the paper's layout's
+    (the same result, scaleout/grouped.py)."""
     x = torch.as_tensor(x, dtype=torch.float32)
     N = _offset(x)[0]
     check_sizes(N, k, m)
     k_s = k // m  # Eq. (7)
     c_super, u, st1 = kmeans(x, m, niter, seed, backend)  # level 1 (m = 1: u = 0, the mean)
     n_u = _sums_counts(x[:, :0], u, m)[1].long().cpu()  # (m,) global super-cluster sizes
-    small, split_sub, obj_sub = [], 0, np.zeros(niter + 1)
-    if groups is not None and k_s > 1:  # DIST: --layout grouped, each u in its own group of ranks
-        grouped = importlib.import_module("grouped")  # grouped.py: the paper's layout, PAPER.md §7
-        z, c_sub, split_sub, obj_sub, small = grouped.level2_in_groups(x, u, n_u, k_s, niter,
-                                                                       seed, backend, groups)
-    else:
-        z = torch.zeros_like(u)
-        c_sub = torch.zeros(m, k_s, x.shape[1], device=x.device)  # (m, k_s, D)
-        for v in range(m):  # the same loop on every rank: the collectives inside stay in step
-            mem = (u == v).nonzero().squeeze(1)
-            if n_u[v] < k_s:
-                # DEVIATION(paper): a super-cluster with n_u < k_s points gets one sub-class per
-                # point (ids 0..n_u-1, the others stay empty), because the official draw with
-                # replacement only makes empty duplicates.
-                z[mem] = _offset(mem)[1] + torch.arange(len(mem), device=x.device)  # index order
-                c_sub[v, : n_u[v]] = common.all_gather_cat(x[mem])  # (n_u, D), tiny: n_u < k_s
-                small.append(v)
-            else:  # level 2: k-means on u's members alone (k_s = 1: z = 0, the mean)
-                c_sub[v], z[mem], st = kmeans(x[mem], k_s, niter, seed + 1 + v, backend)
-                split_sub += st["n_empty_split"]
-                obj_sub += np.array(st["objective"]) * n_u[v].item() / N  # small u: 0
+    z, c_sub, split_sub, obj_sub, small = level2_fn(x, u, n_u, k_s, niter, seed, backend)
     if small:
         common.log(f"warning: super-clusters {small} have < k_s = {k_s} points: one sub-class each")
     stats = {"objective": st1["objective"] if m > 1 else [], "sizes_super": n_u.tolist(),
@@ -308,11 +312,12 @@ def two_level(x, k, m, niter=10, seed=0, backend="auto", groups=None):
 
 
 # ---- The whole stage, in-process (04_train.py calls this every T epochs) ----
-def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None, m=None):
+def cluster(model, source, cfg, device, prev=None, epoch=None, m=None, level2_fn=level2):
     """features -> PCA -> two_level, each rank on its shard of the images -> two_level's dict (on
     CPU, all N labels) + pca_mean, pca_proj, diagnostics. cfg: k, super_clusters, pca_dim, niter,
     seed, batch_size, workers, kmeans_backend (pca_sample optional). epoch: the k-means seed is
-    cfg.seed + epoch. m: default cfg.super_clusters (04: 1 for DeepCluster). groups: grouped."""
+    cfg.seed + epoch. m: default cfg.super_clusters (04: 1 for DeepCluster). level2_fn: as in
+    two_level."""
     m = cfg.super_clusters if m is None else m
     t0, net = time.time(), getattr(model, "module", model)
     N, d = len(source), int(net.feature_dim)
@@ -343,13 +348,13 @@ def cluster(model, source, cfg, device, prev=None, epoch=None, groups=None, m=No
         x[i:i + b] = apply_pca(phi[i:i + b].to(device), mean, proj)  # Eq. (11)
     del phi
     seed = cfg.seed if epoch is None else cfg.seed + epoch
-    res = two_level(x, cfg.k, m, cfg.niter, seed, cfg.kmeans_backend, groups)
+    res = two_level(x, cfg.k, m, cfg.niter, seed, cfg.kmeans_backend, level2_fn)
     res |= {key: common.all_gather_cat(res[key]).cpu() for key in ("super", "sub")}  # DIST: (N,)
     res |= {key: res[key].cpu() for key in ("centroids_super", "centroids_sub")}
     res |= dict(pca_mean=mean.cpu(), pca_proj=proj.cpu())
     res["stats"] |= dict(epoch=epoch, seconds_features=t1 - t0, seconds_kmeans=time.time() - t1)
-    # sizes, NMI (Eq. (18)) against the previous round and the labels: report.py
-    res["diagnostics"] = report.diagnostics(res, getattr(source, "labels", None), prev)
+    # sizes, NMI (Eq. (18)) against the previous round and the labels
+    res["diagnostics"] = clusterstats.diagnostics(res, getattr(source, "labels", None), prev)
     return res
 
 
@@ -370,7 +375,7 @@ def main(cfg):
     rank, world, device = common.init_dist(cfg.device)
     common.log(f"03_kmeans config: {dataclasses.asdict(cfg)} | world {world} | device {device}")
     ckpt = cfg.ckpt or os.path.join(cfg.out_dir, "02_model_init.pt")
-    model, _ = model_lib.load_trunk(ckpt)  # width, Sobel and input size come from the checkpoint
+    model, _ = interop.load_trunk(ckpt)  # width, Sobel and input size come from the checkpoint
     if cfg.image_size not in (0, model.image_size):
         raise UserError(f"--image_size {cfg.image_size} but {ckpt} holds a trunk for "
                         f"{model.image_size} px: leave --image_size at 0 (the trunk's size)")
@@ -379,7 +384,7 @@ def main(cfg):
     prev = common.load_npz(prev_path) if os.path.exists(prev_path) else None  # for nmi_prev
     res = cluster(model.to(device), source, cfg, device, prev=prev)
     common.log("wrote " + ", ".join(save_clustering(res, cfg.out_dir)))
-    common.log(report.clustering_summary(res["diagnostics"]))
+    common.log(clusterstats.summary(res["diagnostics"]))
     if world > 1:
         torch.distributed.destroy_process_group()
 

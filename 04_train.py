@@ -4,20 +4,21 @@ Every T-th epoch starts by clustering the current trunk's features (03_kmeans, i
 super-clusters u, k/m sub-classes z in each, the targets of Eq. (6)-(7): s = 4u + r (r = the
 sample's rotation) and z. An epoch draws images uniformly over these pseudo-labels (Eq. (14)) and
 minimises Eq. (8) with SGD. Cluster ids are arbitrary, so the heads restart at each round; the trunk
-carries over. One loop serves five methods (§8): deepercluster, rotnet, deepcluster (S = 1, flat
-k-means), deepcluster-2level (no rotation, S = m) and supervised (true labels as z).
+carries over. One loop serves five methods (§8, 02_model.method_shape), each with its own official
+recipe (RECIPES): deepercluster, rotnet, deepcluster, deepcluster-2level, supervised.
 04_train_last.pt holds all the state, so re-running the command resumes exactly, also in mid-epoch
 (§11 pitfall 1). Ctrl-C or SIGTERM saves at the next iteration and exits.
 
-Paper:  PAPER.md §2-§3 Eq. (6)-(9), §5 Eq. (14), §7 (SyncBN, gradient scale), §8, §11 pitfall 1, 8
+Paper:  PAPER.md §2-§3 Eq. (6)-(9), §5 Eq. (14), §6, §7 (SyncBN, gradient scale), §8, §11
 Reads:  <out_dir>/02_model_init.pt (trunk architecture + weights; or --init), 04_train_last.pt
 Writes: <out_dir>/03_kmeans_ep{E:03d}.npz/.json (the clustering at the start of epoch E),
-        04_train_last.pt, 04_train_ep{E:03d}.pt, 04_train_log.jsonl, 04_train_curves.png
+        04_train_last.pt, 04_train_ep{E:03d}.pt, 04_train_seen{N}.pt, 04_train_log.jsonl,
+        04_train_curves.png
 Run:    python 02_model.py --out_dir out && python 04_train.py --out_dir out
         torchrun --nproc_per_node=2 04_train.py --out_dir out    (same global batch, BN synced)
-        torchrun --nproc_per_node=16 04_train.py --layout grouped --out_dir out   (grouped.py, §7)
-Uses:   01_data.make_source/RotationDataset, 02_model.load_trunk/Heads/hierarchical_loss,
-        03_kmeans.cluster/save_clustering; grouped.py only under --layout grouped
+        torchrun --nproc_per_node=16 04_train.py --layout grouped --out_dir out   (PAPER.md §7)
+Uses:   01_data.make_source/RotationDataset, 02_model.Heads/hierarchical_loss/method_shape,
+        03_kmeans.cluster/save_clustering; scaleout/grouped.py only under --layout grouped
 """
 import dataclasses
 import importlib
@@ -31,30 +32,25 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import common
-import parallel
-from common import UserError
+from support import clusterstats, common, interop, parallel, trainlog
+from support.common import UserError
 
 data = importlib.import_module("01_data")  # 01_data.py: sources, RotationDataset
 m02 = importlib.import_module("02_model")  # 02_model.py: VGG trunk, Heads (V, W), Eq. (8)
 m03 = importlib.import_module("03_kmeans")  # 03_kmeans.py: features -> PCA -> two-level k-means
-report = importlib.import_module("report")  # report.py: the training log and curves
 
 
 @dataclass(frozen=True)
 class Config:
     out_dir: str = "out"  # all inputs and outputs live here
-    # initial trunk checkpoint, default <out_dir>/02_model_init.pt (architecture and weights)
-    init: str = ""
+    init: str = ""  # initial trunk checkpoint ("" = <out_dir>/02_model_init.pt)
     data: str = "fashion-mnist"  # data source spec, see 01_data.make_source (paper: YFCC100M)
     subset: int = 20000  # seeded subset of the source, 0 = all of it (paper: 95.9M images)
     image_size: int = 32  # training and clustering crop in pixels (paper: 224)
     seed: int = 0  # one seed for sampling, augmentation, k-means, head init and dropout
-    # deepercluster|rotnet|deepcluster|deepcluster-2level|supervised (§8)
-    method: str = "deepercluster"
+    method: str = "deepercluster"  # deepercluster|rotnet|deepcluster|deepcluster-2level|supervised
     k: int = 160  # sub-classes over all super-clusters (paper: 320000)
-    # m super-clusters; S = 4m super-classes with rotation (paper: 4, S = 16)
-    super_clusters: int = 4
+    super_clusters: int = 4  # m; S = 4m super-classes with rotation (paper: 4, S = 16)
     pca_dim: int = 64  # PCA-whitening dimension D (paper: 4096)
     niter: int = 10  # Lloyd iterations per k-means level (paper: 10)
     kmeans_backend: str = "auto"  # 03's E-step: auto (faiss when it can run there, else torch)
@@ -62,27 +58,19 @@ class Config:
     epochs: int = 16  # total number of epochs (paper: 100)
     epoch_size: int = 0  # E images drawn per epoch, 0 = N (paper: about N)
     batch_size: int = 64  # global batch, split over ranks (paper: 48 per GPU x 64 GPUs = 3072)
-    # constant learning rate, trunk and heads; 0 = the method's official (lr, batch) scaled
-    # linearly to --batch_size (paper: 0.1 at batch 3072; RECIPES below)
-    lr: float = 0.0
+    lr: float = 0.0  # constant lr; 0 = the method's (lr, batch) scaled to --batch_size (RECIPES)
     weight_decay: float = -1.0  # SGD weight decay; < 0 = the method's (paper: 1e-5)
     momentum: float = 0.9  # SGD momentum (paper: 0.9)
-    # re-initialise V each round: auto (when m > 1, §5.1) | always | never
-    reset_super_head: str = "auto"
-    # scale each W_s gradient by B/B_s, the official per-group mean (§7)
-    sub_grad_scale: bool = False
+    reset_super_head: str = "auto"  # re-init V each round: auto (m > 1, §5.1) | always | never
+    sub_grad_scale: bool = False  # W_s's gradient times B/B_s: the official per-group mean (§7)
     workers: int = 2  # DataLoader worker processes
-    # smallest RandomResizedCrop area fraction; 0 = auto: 0.08 from 128 px up, 0.2 below (paper:
-    # 0.08 at 224 px; RECIPES below)
-    crop_min: float = 0.0
+    crop_min: float = 0.0  # smallest crop area; 0 = 0.08 from 128 px, 0.2 below (paper: 0.08)
     amp: bool = False  # bf16 autocast + channels_last, on CPU or CUDA (not in the paper)
     deterministic: bool = False  # torch.use_deterministic_algorithms: a resumed run ends identical
     ckpt_minutes: float = 10.0  # also write 04_train_last.pt every N minutes of training (0 = off)
     ckpt_every: int = 0  # also write 04_train_last.pt every N iterations (0 = off)
     keep_every: int = 3  # keep 04_train_ep{E:03d}.pt every N epochs (and after the last one)
-    # keep 04_train_seen{N}.pt when N images have been seen, comma list (e.g. 250000,1000000): the
-    # points of a learning curve (05_eval.py evaluates a list of checkpoints)
-    keep_seen: str = ""
+    keep_seen: str = ""  # keep 04_train_seen{N}.pt at N images seen, e.g. 250000,1000000 (curves)
     resume: bool = True  # resume from <out_dir>/04_train_last.pt when it exists
     force: bool = False  # start afresh over an incompatible 04_train_last.pt instead of refusing
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -90,12 +78,9 @@ class Config:
     layout: str = "replicated"  # under torchrun: replicated (all heads everywhere) | grouped (§7)
     show_layout: bool = False  # print --layout grouped's rank table and head memory, then exit
     world_size: int = 0  # N for --show_layout / --plan (0 = S); under torchrun --nproc_per_node
-    plan: bool = False  # print this run's memory per rank (scale.py) for --world_size, then exit
+    plan: bool = False  # print this run's memory per rank (scaleout/memory.py), then exit
     pca_sample: int = 100000  # at most this many seeded images fit the PCA (official: D(D-1)/2)
 
-
-# ---- §8 five methods, one loop: super-classes S, sub-classes k_s, rotation on or off ----
-METHODS = ("deepercluster", "rotnet", "deepcluster", "deepcluster-2level", "supervised")
 
 # ---- §8 each method's own recipe, from its official code (PAPER.md §6, §8) ----
 # lr: the official (lr, batch) pair, scaled linearly to --batch_size (Goyal et al.'s rule; plain
@@ -115,8 +100,6 @@ RECIPES = {
     # the labelled baseline: the usual ImageNet recipe for BN convnets, 0.1 at 256, wd 1e-4
     "supervised": dict(lr=(0.1, 256), T=1, wd=1e-4, w_std=None, head_momentum=0.9),
 }
-
-
 RECIPE_KEYS = ("lr", "reassign", "weight_decay", "crop_min", "w_std", "head_momentum")
 
 
@@ -134,32 +117,27 @@ def recipe(cfg):
 
 
 def method_setup(cfg, source):
-    """-> dict(S, k_s, m, rotate, cluster, super, sub); super/sub (N,): the fixed labels of rotnet
-    and supervised (None for the clustering methods)."""
+    """-> 02_model.method_shape's dict (S, m, k_s, rotate, cluster) + super/sub (N,): the fixed
+    labels of rotnet and supervised (None for the clustering methods), checked against the data."""
     N, zeros = len(source), np.zeros(len(source), np.int64)
-    if cfg.method == "rotnet":  # m = k_s = 1: the sub-class loss is 0, V (4 rotations) is kept
-        return dict(S=4, k_s=1, m=1, rotate=True, cluster=False, super=zeros, sub=zeros)
     if cfg.method == "supervised":  # one super-class whose sub-class is the true label
         if source.labels is None:
             raise UserError(f"--method supervised needs labels, and --data {cfg.data} has none")
         labels = np.asarray(source.labels, np.int64)  # (N,)
         n_cls = len(source.classes) if source.classes else int(labels.max()) + 1
         # NOTE: the sampler (Eq. (14)) then draws class-balanced epochs, not images uniformly
-        return dict(S=1, k_s=n_cls, m=1, rotate=False, cluster=False, super=zeros, sub=labels)
-    # deepcluster is DeepCluster itself (PAPER.md §8): one super-cluster (m = 1, so S = 1 and V
-    # is a 1-way head whose loss is 0), flat k-means into k clusters, one k-way head W_0, no
-    # rotation: Eq. (4). deepcluster-2level keeps the two-level clustering without rotation
-    # (S = m, k/m sub-classes in each).
-    m = 1 if cfg.method == "deepcluster" else cfg.super_clusters
+        return m02.method_shape("supervised", 0, 1, n_cls) | dict(super=zeros, sub=labels)
+    shape = m02.method_shape(cfg.method, cfg.k, cfg.super_clusters)
+    if not shape["cluster"]:  # rotnet: m = k_s = 1, the sub-class loss is 0, V is kept
+        return shape | dict(super=zeros, sub=zeros)
+    m = shape["m"]
     if m < 1 or cfg.k < m or cfg.k % m:
         raise UserError(f"--k {cfg.k} must be a positive multiple of --super_clusters {m} "
                         f"(k_s = k/m, Eq. (7))")
     if cfg.k > N:
         raise UserError(f"--k {cfg.k} exceeds the {N} images of --data {cfg.data}: lower --k or "
                         f"raise --subset")
-    rotate = cfg.method == "deepercluster"  # rotation off: s = u and S = m (PAPER.md §8)
-    return dict(S=4 * m if rotate else m, k_s=cfg.k // m, m=m, rotate=rotate, cluster=True,
-                super=None, sub=None)
+    return shape | dict(super=None, sub=None)
 
 
 # ---- §3 targets, Eq. (6)-(7): super-class s = (super-cluster u, rotation r), sub-class z ----
@@ -181,7 +159,7 @@ def uniform_plan(super_, sub, S, rotate, E, rng):
     inside each (with replacement only when a sub-class has fewer images than its share), all
     rotated by r; then one shuffle. rng: a np.random.Generator."""
     kz = int(sub.max()) + 1
-    flat = super_ * kz + sub  # (N,) one id per (u, z) pair
+    flat = clusterstats.flat_ids(super_, sub, kz)  # (N,) one id per (u, z) pair
     order = np.argsort(flat, kind="stable")
     # non-empty pairs only
     ids, first, sizes = np.unique(flat[order], return_index=True, return_counts=True)
@@ -207,7 +185,7 @@ def uniform_plan(super_, sub, S, rotate, E, rng):
     return np.concatenate(idx)[p].astype(np.int64), np.concatenate(rot)[p].astype(np.int64)
 
 
-# ---- §5.1 head reset after each clustering round; one SGD step on Eq. (8) ----
+# ---- §5.1 head reset after each clustering round; the network of Eq. (8) ----
 def reset_heads(heads, head_opt, generator, reset_V):
     """Re-initialise W, b (and V when reset_V) from `generator`, and drop their momentum buffers."""
     keep = {k: v.clone() for k, v in heads.V.state_dict().items()}
@@ -235,43 +213,56 @@ class Net(nn.Module):
         return m02.hierarchical_loss(self.heads, phi, s, z, sub_grad_scale=self.sub_grad_scale)
 
 
-def train_step(model, opts, x, s, z, amp=False):
-    """One SGD step of Eq. (8) on this rank's part of the global batch -> (7,) sums over the global
-    batch (the 6 TRAIN_KEYS times b, then b). Raises FloatingPointError, before any update, when
-    the loss is not finite."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model(x, s, z)
-    b = float(len(s))
-    vals = [float(torch.as_tensor(out[k]).detach()) * b for k in report.TRAIN_KEYS] + [b]
-    sums = torch.tensor(vals, dtype=torch.float64, device=x.device)
-    sums = common.all_reduce_sum(sums).cpu()  # DIST: one all-reduce per step
-    if not torch.isfinite(sums).all():
-        raise FloatingPointError(f"non-finite loss ({sums[0] / sums[-1]:.4g})")
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
-    out["loss"].backward()  # DDP averages the gradients of trunk and heads over ranks here
-    if hasattr(model, "reduce_grads"):  # --layout grouped: W_t averaged in its group only
-        model.reduce_grads()
-    for opt in opts:
-        opt.step()
-    return sums
+# ---- DIST: where the heads live over the ranks ----
+class Replicated:
+    """--layout replicated (the default; one process too): every rank holds all heads, DDP averages
+    every gradient, each rank feeds every world-th sample of the global batch. The paper's layout
+    (scaleout/grouped.py, --layout grouped) has the same methods and shards the heads."""
+    level2 = staticmethod(m03.level2)  # 03's level-2 k-means: every rank loops over the super-clusters
 
+    def __init__(self, cfg, setup, rank, world):
+        self.batch_size, self.rank, self.world = cfg.batch_size, rank, world
 
+    def heads(self, d, S, k_s, w_std):
+        return m02.Heads(d, S, k_s, w_std=w_std)
+
+    def wrap(self, net, device):  # under torchrun: synced batch norm, then DDP
+        return parallel.wrap_ddp(net, device)
+
+    def optimizers(self, trunk, heads, sgd, sgd_heads):
+        return (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),
+                torch.optim.SGD(heads.parameters(), **sgd_heads))  # (the Sobel filters are fixed)
+
+    def batches(self, plan_s, start):  # this rank's plan positions, one list per iteration
+        return parallel.rank_batches(len(plan_s), self.batch_size, self.rank, self.world, start)
+
+    def head_states(self, heads, opt, path):  # what a checkpoint holds
+        return heads.state_dict(), opt.state_dict()
+
+    def saved(self, path, head_sd):  # after rank 0 wrote a checkpoint: nothing to tidy
+        pass
+
+    def load_heads(self, heads, opt, ck, path):
+        if "sharded" in ck["heads"]:  # written by --layout grouped: its files assemble the rows
+            sd, osd = importlib.import_module("scaleout.shards").assemble_heads(ck, path)
+        else:
+            sd, osd = ck["heads"], ck["head_optimizer"]
+        heads.load_state_dict(sd)
+        opt.load_state_dict(osd)
 
 
 # ---- §5.1 the alternation: every T epochs cluster, reset the heads; the plan; SGD on Eq. (8) ----
 CLUSTERS = ("super", "sub", "pca_mean", "pca_proj", "centroids_super", "centroids_sub")  # one round
 
 
-def new_round(cfg, setup, source, trunk, heads, head_opt, epoch, prev, groups):
+def new_round(cfg, setup, source, trunk, heads, head_opt, epoch, prev, level2):
     """Cluster the current features (stage 03: eval mode, no rotation, PCA-whitening, two-level
     k-means), then reset the heads -> (clusters, stats): this round's u and z of every image, its
     PCA and centroids (kept in every checkpoint), and the numbers for the epoch's log line."""
     t0, device = time.time(), next(trunk.parameters()).device
     prev = None if prev["super"] is None else prev | {"k_s": setup["k_s"]}
-    groups_u = None if groups is None else groups.cluster  # DIST: grouped.py, level 2 per u
     res = m03.cluster(trunk, source, cfg, device, prev=prev, epoch=epoch, m=setup["m"],
-                      groups=groups_u)
+                      level2_fn=level2)
     trunk.train()
     m03.save_clustering(res, cfg.out_dir, name=f"03_kmeans_ep{epoch:03d}")
     clusters = {key: torch.as_tensor(res[key]).cpu() for key in CLUSTERS}
@@ -282,33 +273,27 @@ def new_round(cfg, setup, source, trunk, heads, head_opt, epoch, prev, groups):
     reset_V = {"auto": setup["m"] > 1, "always": True, "never": False}[cfg.reset_super_head]
     g = torch.Generator(device).manual_seed(cfg.seed * 7919 + epoch)
     reset_heads(heads, head_opt, g, reset_V)
-    return clusters, report.clustering_stats(res["diagnostics"], time.time() - t0)
+    return clusters, trainlog.clustering_stats(res["diagnostics"], time.time() - t0)
 
 
-def epoch_loader(cfg, ds, epoch, plan, it, super_, rotate, S, groups, pin=False):
+def epoch_loader(cfg, ds, epoch, plan, super_, rotate, layout, it, pin=False):
     """The DataLoader over this rank's share of the plan, from iteration `it`."""
-    rank, world = common.get_rank(), common.world_size()
     ds.set_plan(epoch, plan[0].numpy(), plan[1].numpy())
-    if groups is None:
-        batches = parallel.rank_batches(len(ds), cfg.batch_size, rank, world, it)
-    else:  # DIST: --layout grouped: each training group feeds on its own super-class
-        plan_s = make_targets(super_[plan[0]], None, plan[1], rotate)[0]
-        gl = importlib.import_module("grouped")
-        batches = gl.group_batches(plan_s.numpy(), cfg.batch_size, rank, world, S, it)
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
-                                       generator=torch.Generator(), pin_memory=pin)  # own RNG
+    plan_s = make_targets(super_[plan[0]], None, plan[1], rotate)[0]  # (E,) s of every draw
+    return torch.utils.data.DataLoader(ds, batch_sampler=layout.batches(plan_s.numpy(), it),
+                                       num_workers=cfg.workers, generator=torch.Generator(),
+                                       pin_memory=pin)  # its own RNG: the global one is dropout's
 
 
-def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, on_iteration=None):
+def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
     """Train until cfg.epochs (from checkpoint `ck` when resuming); 04_train_last.pt holds the
-    variables below. on_iteration(epoch, it): called after every step (tests signal from it)."""
+    variables below."""
     device, last = next(trunk.parameters()).device, os.path.join(cfg.out_dir, "04_train_last.pt")
     ds = data.RotationDataset(source, cfg.image_size, cfg.seed, crop_scale=(setup["crop_min"], 1))
     E = cfg.epoch_size or len(source)  # images per epoch, n_iter steps
-    n_iter = E // cfg.batch_size
-    keep_seen = parse_seen(cfg.keep_seen)  # the learning curve's points, in images seen
-    S, rotate = setup["S"], setup["rotate"]
+    n_iter, S, rotate = E // cfg.batch_size, setup["S"], setup["rotate"]
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
+    keep_seen = common.parse_counts(cfg.keep_seen, "--keep_seen")  # curve points, images seen
     # clusters: the current round's labels u (super) and z (sub) of every image, PCA, centroids;
     # plan: the epoch's (indices, rotations), None between epochs; sums: the epoch's metric sums.
     if ck is None:
@@ -321,32 +306,46 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
         epoch, it, metrics = ck["epoch"], ck["iteration"], ck["metrics"]
         plan = (ck["plan_indices"], ck["plan_rotations"]) if len(ck["plan_indices"]) else None
         clusters = {key: ck[key] for key in CLUSTERS}
-        sums, seconds, round_stats = ck["sums"], ck["seconds"], ck["round"]
+        sums, seconds, round_stats = ck["sums"].to(device), ck["seconds"], ck["round"]
         common.log(f"resuming {last}: epoch {epoch}, iteration {it}")
-    x = None  # the last batch: a checkpoint first checks that a forward pass on it is finite
 
-    def checkpoint(path):
-        """Everything needed to resume exactly, never diverged weights (a collective: all ranks)."""
+    def checkpoint(path, x=None):  # all ranks: exact resume, never diverged weights (x: finite?)
         if not common.healthy([trunk, heads], trunk, x):
             raise FloatingPointError("non-finite weights or outputs after the last update")
-        gl = None if groups is None else importlib.import_module("grouped")  # DIST: grouped.py
-        if gl is None:
-            head_sd, head_osd = heads.state_dict(), opts[1].state_dict()
-        else:  # W_t gathered into the replicated format, or (large) one file per group + an index
-            head_sd, head_osd = gl.head_states(heads, opts[1], groups, path)
+        head_sd, head_osd = layout.head_states(heads, opts[1], path)
         idx, rot = plan or (torch.zeros(0, dtype=torch.long),) * 2
         state = {"epoch": epoch, "iteration": it, "plan_indices": idx, "plan_rotations": rot,
-                 "round": round_stats, "sums": sums, "seconds": seconds, "metrics": metrics,
-                 "arch": trunk.arch(), "model": trunk.state_dict(), "heads": head_sd,
-                 "optimizer": opts[0].state_dict(), "head_optimizer": head_osd,
+                 "round": round_stats, "sums": sums.cpu(), "seconds": clock(),
+                 "metrics": metrics, "arch": trunk.arch(), "model": trunk.state_dict(),
+                 "heads": head_sd, "optimizer": opts[0].state_dict(), "head_optimizer": head_osd,
                  "method": cfg.method, "rng": common.rng_states(device)}  # every rank's dropout RNG
         if common.is_main():
             common.save_ckpt(common.ckpt_header("04_train", cfg) | state | clusters, path)
-            if gl is not None:
-                gl.drop_stale_shards(path, head_sd)  # the shards of earlier saves
+            layout.saved(path, head_sd)
         stop.saved()
 
-    stop = common.StopFlag(every_s=60 * cfg.ckpt_minutes)  # SIGINT / SIGTERM: a flag, see below
+    def after_step(x):
+        """The progress bar, the curve's checkpoints, a signal (save, exit: it only set a flag, so
+        the step and `it` agree; DIST: all ranks stop here), the periodic saves."""
+        if it % cfg.log_every == 0 or it == n_iter:
+            means = dict(zip(m02.TRAIN_KEYS, (sums[:-1] / sums[-1]).tolist()))
+            bar.set_postfix_str(trainlog.progress(means, float(sums[-1]), clock()), refresh=False)
+        bar.update()
+        seen = (epoch * n_iter + it) * cfg.batch_size  # images seen so far
+        for n_seen in (m for m in keep_seen if seen - cfg.batch_size < m <= seen):
+            checkpoint(os.path.join(cfg.out_dir, f"04_train_seen{n_seen}.pt"), x)
+        stopping, due = stop.poll(device)
+        if stopping:
+            checkpoint(last, x)
+            common.log(f"\nstopped by signal {stop.signal or 'on another rank'}: saved {last} "
+                       f"(epoch {epoch}, iteration {it}); re-run to resume")
+            sys.exit(130)
+        if it < n_iter and (due or (cfg.ckpt_every and it % cfg.ckpt_every == 0)):
+            checkpoint(last, x)
+
+    stop = common.StopFlag(every_s=60 * cfg.ckpt_minutes)  # SIGINT / SIGTERM: a flag
+    t0 = time.time()
+    clock = lambda: seconds + time.time() - t0  # noqa: E731  (training seconds of this epoch)
     try:
         while epoch < cfg.epochs:
             if plan is None:  # a new epoch (a resume inside one already has its plan)
@@ -354,52 +353,45 @@ def train(cfg, setup, source, trunk, heads, model, opts, ck=None, groups=None, o
                 # 1-2. Every T epochs: cluster, and reset the heads.
                 if setup["cluster"] and epoch % setup["reassign"] == 0:
                     clusters, round_stats = new_round(cfg, setup, source, trunk, heads, opts[1],
-                                                      epoch, clusters, groups)
+                                                      epoch, clusters, layout.level2)
                 # 3. The epoch's plan, Eq. (14), seeded by (seed, epoch), never the global RNG.
                 rng = np.random.default_rng([cfg.seed, epoch])
                 u, z = clusters["super"].numpy(), clusters["sub"].numpy()
                 plan = tuple(map(torch.from_numpy, uniform_plan(u, z, S, rotate, E, rng)))
-                it, sums, seconds = 0, torch.zeros(7, dtype=torch.float64), 0.0
+                it, seconds, t0 = 0, 0.0, time.time()
+                sums = torch.zeros(7, dtype=torch.float64, device=device)
                 if round_stats:
                     checkpoint(last)  # a resume after a (long) clustering does not redo it
             # 4. SGD steps on Eq. (8) over the plan, from iteration `it`.
-            loader = epoch_loader(cfg, ds, epoch, plan, it, clusters["super"], rotate, S, groups,
+            loader = epoch_loader(cfg, ds, epoch, plan, clusters["super"], rotate, layout, it,
                                   pin=device.type == "cuda")
             bar = tqdm(total=n_iter, initial=it, desc=f"epoch {epoch}", leave=False,
                        disable=not common.is_main())
-            t0, seconds0 = time.time(), seconds
+            t0 = time.time()
             for x, r, n in loader:  # x (b, 3, P, P) rotated crops, r (b,) rotations, n (b,) ids
-                s, z = make_targets(clusters["super"][n], clusters["sub"][n], r, rotate)
-                x = x.to(device, non_blocking=True, memory_format=fmt)
-                sums += train_step(model, opts, x, s.to(device), z.to(device), cfg.amp)
+                s, z = make_targets(clusters["super"][n], clusters["sub"][n], r, rotate)  # Eq. (6)
+                x, s, z = x.to(device, memory_format=fmt), s.to(device), z.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    out = model(x, s, z)  # phi = trunk(x), the heads, Eq. (8)
+                sums += m02.batch_sums(out, len(s))  # the global batch's metrics; NaN: stop
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                out["loss"].backward()  # the gradients, averaged over the ranks (DDP)
+                for opt in opts:
+                    opt.step()
                 it += 1
-                seconds = seconds0 + time.time() - t0
-                seen = (epoch * n_iter + it) * cfg.batch_size  # images seen so far
-                for n_seen in (m for m in keep_seen if seen - cfg.batch_size < m <= seen):
-                    checkpoint(os.path.join(cfg.out_dir, f"04_train_seen{n_seen}.pt"))
-                if it % cfg.log_every == 0 or it == n_iter:
-                    bar.set_postfix_str(report.progress(sums, seconds), refresh=False)
-                bar.update()
-                if on_iteration is not None:
-                    on_iteration(epoch, it)
-                # A signal only set a flag, so the step above and `it` always agree; every rank
-                # gets the same answer (DIST), so all of them stop or save at this iteration.
-                stopping, due = stop.poll(device)
-                if stopping:
-                    checkpoint(last)
-                    common.log(f"\nstopped by signal {stop.signal or 'on another rank'}: saved "
-                               f"{last} (epoch {epoch}, iteration {it}); re-run to resume")
-                    sys.exit(130)
-                if it < n_iter and (due or (cfg.ckpt_every and it % cfg.ckpt_every == 0)):
-                    checkpoint(last)
+                after_step(x)  # progress, curve checkpoints, signals, periodic saves
             bar.close()
             # 5. End of the epoch: one log line, the checkpoints, the curves.
-            metrics.append(report.epoch_line(epoch, sums, seconds, round_stats, setup["lr"]))
+            seconds = clock()
+            means = dict(zip(m02.TRAIN_KEYS, (sums[:-1] / sums[-1].clamp(min=1)).tolist()))
+            metrics.append(trainlog.epoch_line(epoch, means, float(sums[-1]), seconds, round_stats,
+                                               setup["lr"]))
             epoch, it, plan = epoch + 1, 0, None
             checkpoint(last)
             if (cfg.keep_every and epoch % cfg.keep_every == 0) or epoch == cfg.epochs:
                 checkpoint(os.path.join(cfg.out_dir, f"04_train_ep{epoch:03d}.pt"))
-            report.write_log(metrics, cfg.out_dir)
+            trainlog.write_log(metrics, cfg.out_dir)
     except FloatingPointError as err:  # nothing saved: 04_train_last.pt keeps the last good state
         print(f"error: {err} at epoch {epoch} iteration {it}; stopped without saving, {last} "
               f"keeps the last good state: lower --lr (now {setup['lr']:g})", file=sys.stderr)
@@ -419,51 +411,35 @@ def check_flags(cfg):
                                          "batch_size", "log_every", "image_size"),
                         at_least_0=("subset", "epoch_size", "workers", "ckpt_every", "keep_every",
                                     "world_size", "pca_dim", "momentum", "reassign",
-                                    "ckpt_minutes", "pca_sample"),
-                        choices={"method": METHODS, "layout": ("replicated", "grouped"),
+                                    "ckpt_minutes", "pca_sample", "lr", "crop_min"),
+                        choices={"method": m02.METHODS, "layout": ("replicated", "grouped"),
                                  "reset_super_head": ("auto", "always", "never")})
-    if not (cfg.lr >= 0 and 0 <= cfg.crop_min <= 1):
-        raise UserError(f"--lr {cfg.lr} must be > 0 (0 = the method's) and --crop_min "
-                        f"{cfg.crop_min} in (0, 1] (0 = auto)")
-    parse_seen(cfg.keep_seen)
+    if cfg.crop_min > 1:
+        raise UserError(f"--crop_min {cfg.crop_min} must be in (0, 1] (0 = auto)")
     if (cfg.epoch_size or cfg.batch_size) < cfg.batch_size:
         raise UserError(f"--epoch_size {cfg.epoch_size} is less than one --batch_size")
-
-
-def parse_seen(text):
-    """--keep_seen '250000,1000000' -> [250000, 1000000]; a clear error for anything else."""
-    try:
-        seen = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"--keep_seen {text!r}: give a comma list of image counts, e.g. "
-                        f"250000,1000000") from None
-    if seen and seen[0] < 1:
-        raise UserError(f"--keep_seen {text!r}: image counts must be >= 1")
-    return seen
+    common.parse_counts(cfg.keep_seen, "--keep_seen")
 
 
 def load_start(cfg, last):
-    """-> (trunk, ck): the trunk of 04_train_last.pt when resuming (ck = that checkpoint), else the
-    init checkpoint's (ck = None)."""
+    """-> (trunk, ck): 04_train_last.pt's trunk and contents when resuming, else (init's, None)."""
     init = cfg.init or os.path.join(cfg.out_dir, "02_model_init.pt")
-    arch = m02.load_trunk(init)[0].arch() if os.path.exists(init) else None
-    ck = common.resume_checkpoint(last, "04_train", cfg, COMPAT, COMPAT_MID_EPOCH, arch)
+    trunk = interop.load_trunk(init)[0] if os.path.exists(init) else None
+    ck = common.resume_checkpoint(last, "04_train", cfg, COMPAT, COMPAT_MID_EPOCH,
+                                  trunk and trunk.arch())
     if ck is not None:
-        trunk = m02.build_model(ck["arch"])
-        trunk.load_state_dict(ck["model"])
-        return trunk, ck
-    if arch is None:
+        return interop.load_trunk(ck, name=last)[0], ck
+    if trunk is None:
         raise UserError(f"{init} does not exist: run 02_model.py --out_dir {cfg.out_dir} or --init")
-    return m02.load_trunk(init)[0], None
+    return trunk, None
 
 
-def main(cfg, on_iteration=None):
+def main(cfg):
     check_flags(cfg)
     if cfg.show_layout:  # the grouped layout's rank table and head memory; no processes, no data
-        return importlib.import_module("grouped").show_layout(cfg)
-    if cfg.plan:  # per-rank memory of this run (scale.py); no processes, no training
-        return importlib.import_module("scale").print_plan(cfg)
-    grouped = importlib.import_module("grouped") if cfg.layout == "grouped" else None  # §7
+        return importlib.import_module("scaleout.grouped").show_layout(cfg)
+    if cfg.plan:  # per-rank memory of this run; no processes, no training
+        return importlib.import_module("scaleout.memory").print_plan(cfg)
     rank, world, device = common.init_dist(cfg.device)
     if cfg.deterministic:  # bit-identical reruns and resumes
         common.set_deterministic()
@@ -473,37 +449,31 @@ def main(cfg, on_iteration=None):
         raise UserError(f"--batch_size {cfg.batch_size} exceeds the {len(source)} images")
     setup = method_setup(cfg, source) | recipe(cfg)  # S, k_s, m, rotate; lr, T, crop, ...
     common.log("recipe: " + ", ".join(f"{k} {setup[k]}" for k in RECIPE_KEYS))
-    groups = grouped.make_groups(setup, rank, world) if grouped else None
+    # DIST: the one fork of the paper's layout (PAPER.md §7): its heads, net, optimizers, batches
+    # and level-2 clustering behind Replicated's methods
+    layout = (importlib.import_module("scaleout.grouped").GroupedLayout
+              if cfg.layout == "grouped" else Replicated)(cfg, setup, rank, world)
     last = os.path.join(cfg.out_dir, "04_train_last.pt")
     trunk, ck = load_start(cfg, last)
-    d, S, k_s = trunk.feature_dim, setup["S"], setup["k_s"]
-    w_std = setup["w_std"]  # DeepCluster's top layer: N(0, 0.01^2), bias 0
-    heads = (m02.Heads(d, S, k_s, w_std=w_std) if groups is None
-             else grouped.ShardedHeads(d, S, k_s, groups.t, w_std=w_std))
+    heads = layout.heads(trunk.feature_dim, setup["S"], setup["k_s"], setup["w_std"])
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
     net = Net(trunk, heads, cfg.sub_grad_scale).to(device, memory_format=fmt)
-    # DIST: under torchrun, BatchNorm synced over all ranks, then DDP (or grouped.py's GroupedNet)
-    model = parallel.wrap_ddp(net, device) if groups is None else grouped.wrap(net, device, groups)
+    model = layout.wrap(net, device)  # DIST: under torchrun, BN synced over all ranks, then DDP
     sgd = dict(lr=setup["lr"], momentum=cfg.momentum, weight_decay=setup["weight_decay"])
     sgd_heads = sgd | {"momentum": setup["head_momentum"]}  # DeepCluster's top layer: none
-    opts = (torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], **sgd),  # no Sobel
-            torch.optim.SGD(heads.parameters(), **sgd_heads))
+    opts = layout.optimizers(trunk, heads, sgd, sgd_heads)
     torch.manual_seed(cfg.seed * 1000 + rank)  # the global torch RNG now only draws dropout masks
     if ck is None:  # a fresh run (the clustering methods reset the heads again at epoch 0)
         reset_heads(heads, opts[1], torch.Generator(device).manual_seed(cfg.seed * 7919), True)
     else:
-        if "sharded" in ck["heads"] or groups is not None:  # DIST: written or read grouped
-            importlib.import_module("grouped").load_heads(heads, opts[1], ck, groups, last)
-        else:
-            heads.load_state_dict(ck["heads"])
-            opts[1].load_state_dict(ck["head_optimizer"])
+        layout.load_heads(heads, opts[1], ck, last)
         opts[0].load_state_dict(ck["optimizer"])
         for opt, hyper in zip(opts, (sgd, sgd_heads)):  # the flags win over the saved ones
             for group in opt.param_groups:  # (e.g. a lower --lr after a NaN)
                 group.update(hyper)
         common.set_rng_states(ck["rng"], rank, device)
     model.train()
-    train(cfg, setup, source, trunk, heads, model, opts, ck, groups, on_iteration)
+    train(cfg, setup, source, trunk, heads, model, opts, layout, ck)
     common.log(f"done: {cfg.epochs} epochs; 04_train_last.pt, log and curves in {cfg.out_dir}")
 
 

@@ -17,7 +17,8 @@ Run:    python 05_eval.py --out_dir out/demo                       # random init
         python 05_eval.py --out_dir out/demo --layers all --ckpt out/demo/04_train_ep009.pt
         python 05_eval.py --ckpt dc.pth --voc voc2007:VOCdevkit/VOC2007 --voc_mode both
         (one process: at small scale every evaluation here is cheap next to training)
-Uses:   01_data.train_transform / rng_for, 02_model.VGG.conv_outputs; report.py (flags, checkpoints,
+Uses:   01_data.train_transform / rng_for / ClusterDataset, 02_model.VGG.conv_outputs /
+        method_shape; support/evalio.py (flags, checkpoints,
         labelled crops, tables, figures: the plumbing a first reader skips).
 """
 import copy
@@ -30,13 +31,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from tqdm import tqdm
 
-import common
-import report  # report.py: 05's inputs (flags, checkpoints, VOC files), outputs (tables, figures)
+from support import clusterstats, common  # flat cluster ids, NMI (Eq. (18)) and ARI
+from support import evalio  # 05's inputs (flags, checkpoints, VOC files), outputs (tables, figures)
 
 data = importlib.import_module("01_data")  # 01_data.py: sources, transforms, per-sample generators
+m02 = importlib.import_module("02_model")  # 02_model.py: method_shape (which methods cluster)
 
 
 @dataclass(frozen=True)
@@ -211,15 +212,11 @@ def knn_predict(bank, bank_y, query, n_classes, ks=(20, 200), tau=0.07, chunk=10
     return {k: torch.cat(v) for k, v in preds.items()}
 
 
-def flat_clusters(super_, sub):
-    """Flat cluster id u * k_s + z, k_s = max z + 1 (any one-to-one map gives the same NMI/ARI)."""
-    return super_.astype(np.int64) * (int(sub.max()) + 1) + sub
-
-
-def cluster_agreement(flat, labels):
-    nmi = normalized_mutual_info_score(labels, flat, average_method="geometric")  # Eq. (18)
-    ari = adjusted_rand_score(labels, flat)
-    return {"nmi": nmi, "ari": ari, "n_clusters": len(np.unique(flat))}
+def has_clusters(method):
+    """Whether a checkpoint's method ('deepcluster-2level (epoch 3)') trains on clusters of its own:
+    deepercluster, deepcluster, deepcluster-2level (PAPER.md §8); rotnet and supervised do not."""
+    name = method.split()[0]
+    return name in m02.METHODS and m02.method_shape(name, 1, 1)["cluster"]
 
 
 # ---- §9.2 PASCAL VOC 2007: masked BCE Eq. (16), 10 random crops at test, AP Eq. (17) ----
@@ -306,8 +303,8 @@ def voc_transfer(model, root, mode, cfg, device):
     """Train on trainval (or train), test on test (or val): mAP and AP per class, fc6-8 or all."""
     t0, size = time.time(), cfg.voc_image_size or model.image_size
     split = VOC_TEST_SPLIT[cfg.voc_train_split]
-    train = report.VOCSource(root, cfg.voc_train_split, size)  # (PIL image, targets (20,))
-    test = report.VOCSource(root, split, size)
+    train = evalio.VOCSource(root, cfg.voc_train_split, size)  # (PIL image, targets (20,))
+    test = evalio.VOCSource(root, split, size)
     net = VOCNet(copy.deepcopy(model).cpu(), size, torch.Generator().manual_seed(cfg.seed))
     fit = voc_fit(net.to(device), train, mode, size, cfg, device)
     view, scores = CropView(test, size, cfg.seed + 1), 0
@@ -316,13 +313,12 @@ def voc_transfer(model, root, mode, cfg, device):
             loader = torch.utils.data.DataLoader(view, cfg.batch_size, num_workers=cfg.workers)
             scores = scores + torch.cat([net.eval()(x.to(device)).cpu() for x, _ in loader]).numpy()
     m_ap, aps = mean_ap(scores, test.targets)
-    return fit | {"map": m_ap, "ap": dict(zip(report.VOC_CLASSES, aps)), "image_size": size,
+    return fit | {"map": m_ap, "ap": dict(zip(evalio.VOC_CLASSES, aps)), "image_size": size,
                   "train": f"{cfg.voc_train_split} ({len(train)})", "iterations": cfg.voc_iters,
                   "test": f"{split} ({len(test)})", "seconds": round(time.time() - t0, 2)}
 
 
-# ---- main: every checkpoint -> probes and kNN, clusters vs labels, VOC07 -> report.py ----
-CLUSTERING = ("deepcluster", "deepercluster")  # methods with clusters of their own (rotnet: one)
+# ---- main: every checkpoint -> probes and kNN, clusters vs labels, VOC07 -> evalio.py ----
 
 
 def feature_evals(model, ins, layers, knn_layers, ks, cfg, device):
@@ -335,7 +331,7 @@ def feature_evals(model, ins, layers, knn_layers, ks, cfg, device):
         want = layers + [l for l in knn_layers if l not in layers]
         dims = {l: f.shape[1] for l, f in pooled(model.eval(), x0, want).items()}
     probes, knn = {}, {}
-    for chunk in report.layer_chunks(dims, len(y_tr) + len(y_te)):  # passes that fit in memory
+    for chunk in evalio.layer_chunks(dims, len(y_tr) + len(y_te)):  # passes that fit in memory
         t0 = time.time()
         f_tr = extract(model, ins["b_tr"], chunk, device)  # {layer: (N_train, D)}
         f_te = extract(model, ins["b_te"], chunk, device)  # {layer: (N_test, D)}
@@ -343,36 +339,37 @@ def feature_evals(model, ins, layers, knn_layers, ks, cfg, device):
         for kl in (l for l in knn_layers if l in chunk):
             preds = knn_predict(f_tr[kl], y_tr, f_te[kl], n_classes, ks, cfg.knn_tau)
             acc = {str(k): (p == y_te).float().mean().item() for k, p in preds.items()}
-            common.log(f"kNN on {report.layer_name(kl)}: "
-                       + ", ".join(f"k={k} {report.pct(acc[str(k)])}%" for k in ks))
+            common.log(f"kNN on {evalio.layer_name(kl)}: "
+                       + ", ".join(f"k={k} {evalio.pct(acc[str(k)])}%" for k in ks))
             knn[str(kl)] = acc | {"layer": str(kl), "tau": cfg.knn_tau}
         for l in (l for l in chunk if l in layers):
             probes[str(l)] = p = run_probe(model, l, f_tr[l], y_tr, f_te[l], y_te, n_classes, cfg,
                                            device, ins["source"])
-            common.log(f"probe {report.layer_name(l)}: top-1 {report.pct(p['acc'])}% "
+            common.log(f"probe {evalio.layer_name(l)}: top-1 {evalio.pct(p['acc'])}% "
                        f"(dim {p['dim']}, {p['seconds']} s)")
     return probes, knn
 
 
 def cluster_evals(model, meta, spec, png, cfg, device):
     """Eq. (18): NMI/ARI of a 04 checkpoint's last clusters vs labels, on the images clustered."""
-    src = report.clustered_source(meta, spec)
-    flat = flat_clusters(meta["super"].numpy(), meta["sub"].numpy())
+    src = evalio.clustered_source(meta, spec)
+    flat = clusterstats.flat_ids(meta["super"].numpy(), meta["sub"].numpy())
     if len(flat) != len(src):
         return {"skipped": f"{len(flat)} assignments, {len(src)} images in {src.spec}"}
     if png:  # the figure: members nearest each cluster's mean phi
         phi = lambda x: extract(model, [(x, None)], ["fc7"], device)["fc7"]  # (n, 3, S, S)->(n, d)
-        report.cluster_grid(src, flat, png, cfg.clusters_grid, model.image_size, phi, seed=cfg.seed)
+        evalio.cluster_grid(src, data.ClusterDataset(src, model.image_size), flat, png,
+                            cfg.clusters_grid, phi, seed=cfg.seed)
     if src.labels is None:
         return {"n_clusters": len(np.unique(flat))}
-    return cluster_agreement(flat, src.labels)
+    return clusterstats.agreement(flat, src.labels)  # Eq. (18)
 
 
 def main(cfg):
     common.log(f"05_eval config: {asdict(cfg)}")
-    layers, knn_layers, ks, voc_root = report.check_flags(cfg, VOC_TEST_SPLIT)
+    layers, knn_layers, ks, voc_root = evalio.check_flags(cfg, VOC_TEST_SPLIT)
     device = common.pick_device(cfg.device)
-    paths, loaded, spec = report.load_checkpoints(cfg)  # all checked before any work
+    paths, loaded, spec = evalio.load_checkpoints(cfg)  # all checked before any work
     png = f"{cfg.out_dir}/05_eval_clusters.png" if cfg.clusters_grid else None
     modes = ["fc6-8", "all"] if cfg.voc_mode == "both" else [cfg.voc_mode]
     results, inputs = [], {}  # inputs: {image size: labelled center crops}, shared by checkpoints
@@ -382,22 +379,23 @@ def main(cfg):
         r = {"checkpoint": path, "name": os.path.basename(path), "method": meta["method"],
              "arch": model.arch(), "data": spec}
         if model.image_size not in inputs:
-            inputs[model.image_size] = report.labelled_inputs(spec, model.image_size, cfg)
+            inputs[model.image_size] = evalio.labelled_inputs(spec, model.image_size, cfg,
+                                                              data.ClusterDataset)
         if inputs[model.image_size]:  # §9.1, §9.3
             ins = inputs[model.image_size]
             r["probe"], knn = feature_evals(model, ins, layers, knn_layers, ks, cfg, device)
             r["knn"] = knn[str(knn_layers[0])]  # the headline kNN; every layer's in knn_layers
             r["knn_layers"] = knn
-        if meta["super"] is not None and meta["method"].split()[0] in CLUSTERING:  # §9.3
+        if meta["super"] is not None and has_clusters(meta["method"]):  # §9.3
             r["clusters"] = cluster_evals(model, meta, spec, png, cfg, device)
             png = None  # one figure: the first checkpoint with clusters
             common.log(f"clusters vs labels: {r['clusters']}")
         for mode in modes if voc_root else []:  # §9.2, each mode with its own wd and step size
             r.setdefault("voc", {})[mode] = v = voc_transfer(model, voc_root, mode, cfg, device)
-            common.log(f"VOC07 {mode}: mAP {report.pct(v['map'])}% (wd {v['wd']}, stepsize "
+            common.log(f"VOC07 {mode}: mAP {evalio.pct(v['map'])}% (wd {v['wd']}, stepsize "
                        f"{v['stepsize']}, {v['seconds']} s)")
         results.append(r | {"seconds": round(time.time() - t0, 1)})
-    written, table = report.write_outputs(results, inputs, cfg, spec)  # json, md, figure
+    written, table = evalio.write_outputs(results, inputs, cfg, spec)  # json, md, figure
     common.log("wrote " + ", ".join(written) + "\n\n" + table)
 
 

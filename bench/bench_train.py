@@ -10,7 +10,7 @@ alike). A ratio is the median over rounds of the two steps' time ratio in that r
    "plain k": our trunk + ReLU + one nn.Linear(d, k) + cross-entropy; "plain S*k_s": a flat softmax
    over all S*k_s (super-class, sub-class) pairs, Eq. (5), with as many head parameters as Heads.
    heads / plain k is the cost of 02's heads and loss (issue 13 target: >= 0.95, fp32 and bf16).
-2. "04 step": 04_train.train_step = Net (trunk + Heads + loss) + both SGD optimizers + the
+2. "04 step": 04's loop body (tests/steps.py) = Net (trunk + Heads + loss) + both SGD optimizers + the
    logged sums. "bare": torchvision's VGG class and make_layers with the width-scaled
    configuration D and batch norm, avgpool (1) and a classifier of the same shapes (fc6 C5 -> d,
    ReLU, dropout, fc7 d -> d), then ReLU and a plain k-way head (target: 04 step >= 0.9 of bare).
@@ -38,8 +38,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 data = importlib.import_module("01_data")  # 01_data.py: sources, RotationDataset
 m02 = importlib.import_module("02_model")  # 02_model.py: VGG trunk, Heads, hierarchical_loss
-t4 = importlib.import_module("04_train")  # 04_train.py: Net, train_step
-parallel = importlib.import_module("parallel")  # parallel.py: rank_batches
+t4 = importlib.import_module("04_train")  # 04_train.py: Net
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from steps import train_step  # noqa: E402  (04's loop body: forward, sums, backward, both steps)
+parallel = importlib.import_module("support.parallel")  # support/parallel.py: rank_batches
 
 
 class TrunkPlain(nn.Module):
@@ -126,7 +128,7 @@ def contenders(a, device, S, k_s, x, s, z, y, y_flat, amp):
     net = t4.Net(t, heads(t.feature_dim)).to(device, memory_format=fmt).train()
     opts = (torch.optim.SGD([q for q in t.parameters() if q.requires_grad], **sgd),
             torch.optim.SGD(net.heads.parameters(), **sgd))
-    runs[f"04 step {tag}"] = lambda: t4.train_step(net, opts, x, s, z, amp)
+    runs[f"04 step {tag}"] = lambda: train_step(net, opts, x, s, z, amp)
     runs[f"bare {tag}"] = one_opt(Bare(a.width, t.feature_dim, a.k), y)
     return runs
 

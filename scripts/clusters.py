@@ -29,8 +29,8 @@ from sklearn.metrics import normalized_mutual_info_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
-import sources  # noqa: E402
+from support import common  # noqa: E402
+from support import sources  # noqa: E402
 
 km = importlib.import_module("03_kmeans")
 

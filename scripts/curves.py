@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402  (atomic writes)
+from support import common  # noqa: E402  (atomic writes)
 
 PY = sys.executable
 METHODS = ("random", "rotnet", "deepcluster", "deepercluster", "supervised")

@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402  (atomic writes: a kill leaves the old file or the new one; 05_eval.json marks a run done)
+from support import common  # noqa: E402  (atomic writes: a kill leaves the old file or the new one; 05_eval.json marks a run done)
 PY = sys.executable
 
 # Each method is a set of flags of the same two scripts (02_model.py, 04_train.py); "random" trains nothing.

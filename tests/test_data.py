@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+from support import common
 
 data = importlib.import_module("01_data")  # 01_data.py: datasets and rotations
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

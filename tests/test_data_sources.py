@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common
-import sources
+from support import common
+from support import sources
 
 data = importlib.import_module("01_data")  # 01_data.py: make_source, the datasets
 

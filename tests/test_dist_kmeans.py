@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+from support import common
 
 km = importlib.import_module("03_kmeans")  # 03_kmeans.py
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

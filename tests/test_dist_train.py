@@ -16,10 +16,11 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
-import parallel  # noqa: E402
+from support import common  # noqa: E402
+from support import parallel  # noqa: E402
 
 t4 = importlib.import_module("04_train")  # 04_train.py
+from steps import train_step  # noqa: E402  (04's loop body, tests/steps.py)
 m02 = importlib.import_module("02_model")  # 02_model.py
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 N_GLOBAL, STEPS = 16, 3  # global batch, training steps
@@ -56,7 +57,7 @@ def sync_bn_worker(kind, rank, world):
 
 
 def training_steps(rank, world):
-    """STEPS SGD steps of the real train_step on a tiny model; rank r feeds rank_batches' share of each batch."""
+    """STEPS SGD steps of 04's loop body (tests/steps.py) on a tiny model; rank r feeds rank_batches' share of each batch."""
     g = torch.Generator().manual_seed(0)
     trunk = m02.VGG(width=0.0625, image_size=32, sobel=True, generator=torch.Generator().manual_seed(2))
     for mod in trunk.modules():
@@ -73,7 +74,7 @@ def training_steps(rank, world):
     s, z = torch.randint(8, (STEPS * N_GLOBAL,), generator=g), torch.randint(4, (STEPS * N_GLOBAL,), generator=g)
     losses = []
     for pos in parallel.rank_batches(STEPS * N_GLOBAL, N_GLOBAL, rank, world):
-        sums = t4.train_step(model, opts, x[pos], s[pos], z[pos])
+        sums = train_step(model, opts, x[pos], s[pos], z[pos])
         losses.append((sums[:-1] / sums[-1]).tolist())  # global means of the 6 KEYS
     return {"losses": losses, "trunk": trunk.state_dict(), "heads": heads.state_dict()}
 

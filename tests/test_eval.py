@@ -1,4 +1,4 @@
-"""Stage 05 tests (05_eval.py and its report.py): oracle checks of AP (scikit-learn), kNN (NumPy
+"""Stage 05 tests (05_eval.py and its support/evalio.py): oracle checks of AP (scikit-learn), kNN (NumPy
 brute force), Bottou's lr and the probe pooling table (by hand / PAPER.md §9.1), the linear probe on
 separable and random labels, VOC parsing on a tree written here, loading the official layout, the
 summary rows and tables by hand, and a subprocess run of the whole stage on tiny synthetic data.
@@ -14,9 +14,10 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, normalized_mutual_info_score
 
-common = importlib.import_module("common")
+common = importlib.import_module("support.common")
 ev = importlib.import_module("05_eval")
-report = importlib.import_module("report")  # report.py: 05's inputs and outputs
+clusterstats = importlib.import_module("support.clusterstats")  # one flat id, one NMI
+report = importlib.import_module("support.evalio")  # support/evalio.py: 05's inputs and outputs
 model_lib = importlib.import_module("02_model")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +153,7 @@ def test_knn_matches_numpy_brute_force():
 
 def test_nmi_geometric_by_hand():
     super_, sub = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 0, 0, 1])
-    flat = ev.flat_clusters(super_, sub)
+    flat = clusterstats.flat_ids(super_, sub)
     assert len(np.unique(flat)) == 4
     labels = np.array([0, 0, 1, 1, 1, 1])
     p = np.histogram2d(labels, flat, bins=[2, 4])[0] / 6  # joint distribution
@@ -160,9 +161,16 @@ def test_nmi_geometric_by_hand():
     nz = p > 0
     mi = (p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()
     h = lambda q: -(q[q > 0] * np.log(q[q > 0])).sum()
-    r = ev.cluster_agreement(flat, labels)
+    r = clusterstats.agreement(flat, labels)
     assert r["nmi"] == pytest.approx(mi / np.sqrt(h(pa) * h(pb)))  # Eq. (18)
     assert r["nmi"] == pytest.approx(normalized_mutual_info_score(labels, flat, average_method="geometric"))
+
+
+def test_which_methods_have_clusters_of_their_own():
+    """05 reports NMI/ARI and draws the cluster grid for every clustering method, deepcluster-2level included (it
+    was left out once); rotnet's and supervised's fixed labels are no clusters."""
+    assert all(ev.has_clusters(f"{m} (epoch 3)") for m in ("deepercluster", "deepcluster", "deepcluster-2level"))
+    assert not any(ev.has_clusters(m) for m in ("rotnet (epoch 3)", "supervised", "random init", "official"))
 
 
 # ---- checkpoints: official layout, the Sobel check ----
@@ -191,7 +199,7 @@ def test_parse_layers():
         report.parse_layers("14")
 
 
-# ---- report.py: the rows scripts/reproduce.py reads, the two tables ----
+# ---- support/evalio.py: the rows scripts/reproduce.py reads, the two tables ----
 def test_summary_rows_and_tables_by_hand():
     accs = lambda d: {layer: {"acc": a} for layer, a in d.items()}
     results = [{"name": "a.pt", "method": "random init", "knn": {"20": 0.3, "200": 0.1},

@@ -5,9 +5,9 @@ import importlib
 import pytest
 import torch
 
-common = importlib.import_module("common")
+common = importlib.import_module("support.common")
 ev = importlib.import_module("05_eval")
-report = importlib.import_module("report")  # report.py: 05's inputs and outputs
+report = importlib.import_module("support.evalio")  # support/evalio.py: 05's inputs and outputs
 model_lib = importlib.import_module("02_model")
 from test_eval import write_voc  # noqa: E402  (the VOCdevkit tree of the stage tests)
 
@@ -52,7 +52,7 @@ def test_voc_split_pairs(capsys, tmp_path):
     write_voc(voc, splits=("train", "val", "trainval"), n=2)  # no test split
     # val -> ? would train and test on one split: refused before anything is loaded
     err = refused(capsys, tmp_path, "--voc", f"voc2007:{voc}", "--voc_train_split", "val")
-    assert "--voc_train_split val" in err and "trainval or train" in err
+    assert "--voc_train_split 'val'" in err and "trainval or train" in err
     # trainval -> test, but the test split's files are missing: said now, not after the probes
     err = refused(capsys, tmp_path, "--voc", f"voc2007:{voc}")
     assert "aeroplane_test.txt is missing" in err

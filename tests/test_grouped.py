@@ -15,11 +15,13 @@
 
 This file is also the torchrun worker: `torchrun --nproc_per_node=4 tests/test_grouped.py OUT_DIR`."""
 import dataclasses
+import functools
 import importlib
 import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,12 +30,14 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+from support import common  # noqa: E402
 
 t4 = importlib.import_module("04_train")  # 04_train.py
 m02 = importlib.import_module("02_model")  # 02_model.py
 km = importlib.import_module("03_kmeans")  # 03_kmeans.py
-gl = importlib.import_module("grouped")  # grouped.py: the paper's layout
+gl = importlib.import_module("scaleout.grouped")  # scaleout/grouped.py: the paper's layout
+sh = importlib.import_module("scaleout.shards")  # scaleout/shards.py: its checkpoints
+from steps import train_step  # noqa: E402  (04's loop body, tests/steps.py)
 WORLD, B, K_S = 4, 16, 8  # processes, global batch, sub-classes per super-class
 CASES = {"S4": (4, 1), "S2": (2, 2)}  # name: (S, m); S4 = deepercluster with 1 super-cluster, S2 = deepcluster, m = 2
 TRAIN = dict(data="synthetic:64", subset=0, k=8, super_clusters=1, pca_dim=16, batch_size=16, workers=0, niter=4)
@@ -72,39 +76,41 @@ def single_step(S):
     trunk, heads = tiny_net(S)
     opts = sgd(trunk, heads)
     x, s, z = global_batch(S)
-    sums = t4.train_step(t4.Net(trunk, heads), opts, x, s, z)
+    sums = train_step(t4.Net(trunk, heads), opts, x, s, z)
     return {"loss": sums[:-1] / sums[-1], **grads(trunk, heads)}
 
 
 def grouped_step(rank, S, m, ckpt_path):
     trunk, full = tiny_net(S)
-    groups = gl.make_groups({"S": S, "m": m, "cluster": True}, rank, WORLD)
-    heads = gl.ShardedHeads(trunk.feature_dim, S, K_S, groups.t)
+    layout = gl.GroupedLayout(SimpleNamespace(batch_size=B), {"S": S, "m": m, "cluster": True}, rank, WORLD)
+    groups = layout.g
+    heads = layout.heads(trunk.feature_dim, S, K_S, None)
     heads.reset(torch.Generator().manual_seed(3))  # the same draws as `full`, keeping row t
     init_equal = torch.equal(heads.W[0], full.W[groups.t]) and torch.equal(heads.V.weight, full.V.weight)
-    model = gl.wrap(t4.Net(trunk, heads), torch.device("cpu"), groups)
-    opts = sgd(trunk, heads)
+    model = layout.wrap(t4.Net(trunk, heads), torch.device("cpu"))
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-5)
+    opts = layout.optimizers(trunk, heads, kw, kw)  # the trunk's SGD reduces the gradients first
     x, s, z = global_batch(S)
-    pos = gl.group_batches(s.numpy(), B, rank, WORLD, S)[0]  # this rank's B/N positions, all of super-class t
+    pos = layout.batches(s.numpy(), 0)[0]  # this rank's B/N positions, all of super-class t
     assert len(pos) == B // WORLD and (s[pos] == groups.t).all()
-    sums = t4.train_step(model, opts, x[pos], s[pos], z[pos])
+    sums = train_step(model, opts, x[pos], s[pos], z[pos])
     out = {"loss": sums[:-1] / sums[-1], "init_equal": torch.tensor(init_equal), **grads(trunk, heads)}
     out["W"], out["b"] = common.all_gather_cat(out["W"]), common.all_gather_cat(out["b"])  # (WORLD, k_s, d): rank rows
     out["W_momentum"] = common.all_gather_cat(opts[1].state[heads.W]["momentum_buffer"])  # (WORLD, k_s, d)
     # checkpoint: gather (rank 0 writes), then every rank loads its rows back into fresh heads and optimizer
-    sd, osd = gl.head_states(heads, opts[1], groups)
+    sd, osd = layout.head_states(heads, opts[1], None)  # no path: the gathered format
     if rank == 0:
         common.save_ckpt({"heads": sd, "head_optimizer": osd}, ckpt_path)
     common.barrier()
     ck = torch.load(ckpt_path, weights_only=True)
     out["roundtrip"] = torch.tensor(reloaded_equal(heads, opts[1], ck, groups, ckpt_path))
     # the sharded format, forced by a zero size limit: one file per training group, an index on rank 0
-    sharded, limit = ckpt_path.replace(".pt", "_sharded.pt"), gl.GATHER_MAX_BYTES
-    gl.GATHER_MAX_BYTES = 0
+    sharded, limit = ckpt_path.replace(".pt", "_sharded.pt"), sh.GATHER_MAX_BYTES
+    sh.GATHER_MAX_BYTES = 0
     try:
-        sd, osd = gl.head_states(heads, opts[1], groups, sharded)
+        sd, osd = layout.head_states(heads, opts[1], sharded)
     finally:
-        gl.GATHER_MAX_BYTES = limit
+        sh.GATHER_MAX_BYTES = limit
     if rank == 0:
         common.save_ckpt({"heads": sd, "head_optimizer": osd}, sharded)
     common.barrier()
@@ -117,7 +123,7 @@ def reloaded_equal(heads, opt, ck, groups, path):
     """Checkpoint ck loaded into fresh sharded heads and optimizer equals heads and opt (momentum included)."""
     heads2 = gl.ShardedHeads(heads.d, heads.S, heads.k_s, groups.t)
     opt2 = torch.optim.SGD(heads2.parameters(), lr=0.05, momentum=0.9)
-    gl.load_heads(heads2, opt2, ck, groups, path)
+    sh.load_heads(heads2, opt2, ck, groups, path)
     same = all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), heads2.state_dict().values()))
     return same and all(torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
                         for p, q in zip(heads.parameters(), heads2.parameters()))
@@ -145,7 +151,8 @@ def two_level(x, k, m, grouped):
 
     gl._exchange = counted
     try:
-        r = km.two_level(shard, k, m, niter=4, seed=7, groups=gl.cluster_groups(m) if grouped else None)
+        level2 = functools.partial(gl.level2_in_groups, groups=gl.cluster_groups(m)) if grouped else km.level2
+        r = km.two_level(shard, k, m, niter=4, seed=7, level2_fn=level2)
     finally:
         gl._exchange = exchange
     return {"received": common.all_gather_cat(torch.tensor([sum(received)])),  # (world,) feature rows received
@@ -173,12 +180,12 @@ def worker(out):
     t4.main(dataclasses.replace(cfg, epochs=2, out_dir=os.path.join(out, "fresh"),
                                 init=os.path.join(out, "run", "02_model_init.pt")))
     # the same two epochs through 04 with the sharded head format (threshold 0): one file per group
-    gl.GATHER_MAX_BYTES = 0
+    sh.GATHER_MAX_BYTES = 0
     sharded = dataclasses.replace(cfg, out_dir=os.path.join(out, "sharded"),
                                   init=os.path.join(out, "run", "02_model_init.pt"))
     t4.main(sharded)
     t4.main(dataclasses.replace(sharded, epochs=2))  # resumes from the shards
-    gl.GATHER_MAX_BYTES = 10 ** 9
+    sh.GATHER_MAX_BYTES = 10 ** 9
     if rank == 0:
         torch.save(res, os.path.join(out, "res.pt"))
     common.barrier()
@@ -286,16 +293,16 @@ def test_sharded_checkpoint_equals_gathered(four_ranks, case, tmp_path):
     token = int(ck["heads"]["token"])  # the files are named by the save's token
     assert all((out / f"heads_{case}_sharded.pt.heads_t{t:03d}.{token:x}.pt").exists()
                for t in range(S))
-    sd, osd = gl.assemble_heads(ck, str(path))  # the replicated format, from the S shard files
+    sd, osd = sh.assemble_heads(ck, str(path))  # the replicated format, from the S shard files
     assert sd.keys() == gathered["heads"].keys()
     assert all(torch.equal(v, gathered["heads"][k]) for k, v in sd.items())
     ref = gathered["head_optimizer"]
     assert osd["param_groups"] == ref["param_groups"] and osd["state"].keys() == ref["state"].keys()
     assert all(torch.equal(st["momentum_buffer"], ref["state"][i]["momentum_buffer"]) for i, st in osd["state"].items())
-    # one process loads it (load_heads without groups), as it loads the gathered one
+    # one process loads it (04's Replicated layout), as it loads the gathered one
     heads = m02.Heads(sd["W"].shape[2], S, K_S)
     opt = torch.optim.SGD(heads.parameters(), lr=0.05, momentum=0.9)
-    gl.load_heads(heads, opt, ck, None, str(path))
+    t4.Replicated(SimpleNamespace(batch_size=B), {}, 0, 1).load_heads(heads, opt, ck, str(path))
     assert torch.equal(heads.W, gathered["heads"]["W"])
     assert torch.equal(opt.state[heads.W]["momentum_buffer"], ref["state"][0]["momentum_buffer"])  # W: the first parameter
     # a shard from another save, or a missing one: refused with the file's name
@@ -306,9 +313,9 @@ def test_sharded_checkpoint_equals_gathered(four_ranks, case, tmp_path):
             shard["token"] = shard["token"] + 1
         torch.save(shard, tmp_path / name)
     with pytest.raises(common.UserError, match=r"heads_t000\.\w+\.pt belongs to another checkpoint"):
-        gl.assemble_heads(ck, str(tmp_path / path.name))
+        sh.assemble_heads(ck, str(tmp_path / path.name))
     with pytest.raises(common.UserError, match=r"heads_t000\.\w+\.pt does not exist"):
-        gl.assemble_heads(ck, str(tmp_path / "elsewhere" / path.name))
+        sh.assemble_heads(ck, str(tmp_path / "elsewhere" / path.name))
 
 
 @pytest.mark.slow
@@ -388,7 +395,7 @@ def test_main_sharded_heads_resume_like_gathered(four_ranks):
     assert ck["epoch"] == 2 and "sharded" in ck["heads"]
     shards = sorted(p.name for p in last.parent.glob("04_train_last.pt.heads_t*.pt"))
     assert shards == sorted(ck["heads"]["files"])  # the earlier saves' shards are gone
-    sd, _ = gl.assemble_heads(ck, str(last))
+    sd, _ = sh.assemble_heads(ck, str(last))
     fresh = torch.load(out / "fresh" / "04_train_ep002.pt", weights_only=True)
     for name, v in fresh["heads"].items():
         torch.testing.assert_close(sd[name], v, atol=1e-6, rtol=1e-6, msg=name)

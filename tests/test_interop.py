@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.vgg import VGG as TorchvisionVGG, make_layers
 
-import common
-import interop
+from support import common
+from support import interop
 
 M = importlib.import_module("02_model")  # 02_model.py: trunk, load_trunk
 
@@ -56,7 +56,7 @@ def test_torchvision_interop_both_ways():
         back = M.VGG(width, size, sobel=False).eval()
         interop.load_torchvision_state_dict(back, tv.state_dict())  # torchvision's fc8 is dropped
         assert torch.equal(back(x), ours(x))
-        via_loader, info = M.load_trunk(tv.state_dict(), sobel=False)
+        via_loader, info = interop.load_trunk(tv.state_dict(), sobel=False)
         assert info["arch"] == ours.arch() and torch.equal(via_loader.eval()(x), ours(x))
     with pytest.raises(ValueError):
         interop.torchvision_state_dict(M.VGG(width, 32, sobel=True))
@@ -89,7 +89,7 @@ def test_official_layout_loads(tmp_path, sobel, prefix, wrap, drop, infix):
     ours = randomise_bn(M.VGG(1 / 8, 32, sobel=sobel), seed=3).eval()
     path = str(tmp_path / "checkpoint.pth.tar")
     torch.save(official_layout(ours, prefix, wrap, drop_counter=drop, infix=infix), path)
-    model, info = M.load_trunk(path)
+    model, info = interop.load_trunk(path)
     assert info["arch"] == dict(width=0.125, image_size=32, sobel=sobel, fc_dim=512)
     head = [prefix + "pred_layer." + infix + "bias", prefix + "pred_layer." + infix + "weight"]
     assert info["source"] == "official" and sorted(info["ignored"]) == head
@@ -105,7 +105,7 @@ def test_official_layout_loads(tmp_path, sobel, prefix, wrap, drop, infix):
     model3, _ = interop.load_official(body_only)
     assert torch.equal(model3.eval()(x), ours(x)) and model3.sobel == sobel
     with pytest.raises(common.UserError, match="sobel"):  # §11 pitfall 7: check, never guess
-        M.load_trunk(path, sobel=not sobel)
+        interop.load_trunk(path, sobel=not sobel)
 
 
 def test_official_key_strips_every_ddp_level():
@@ -132,23 +132,23 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         if content is not None:
             (tmp_path / name).write_bytes(content)
         with pytest.raises(common.UserError, match=name):
-            M.load_trunk(str(tmp_path / name))
+            interop.load_trunk(str(tmp_path / name))
 
     def save(name, obj):
         torch.save(obj, tmp_path / name)
         return str(tmp_path / name)
     no_model = save("no_model.pt", common.ckpt_header("03_kmeans", {}) | {"super": torch.zeros(3)})
     with pytest.raises(common.UserError, match="no_model.pt.*no trunk weights"):
-        M.load_trunk(no_model)
+        interop.load_trunk(no_model)
     with pytest.raises(common.UserError, match="no state dict"):
-        M.load_trunk(save("numbers.pt", {"epoch": 3, "lr": 0.1}))
+        interop.load_trunk(save("numbers.pt", {"epoch": 3, "lr": 0.1}))
     with pytest.raises(common.UserError, match="not hold VGG-16"):
-        M.load_trunk(save("resnet.pt", {"conv1.weight": torch.zeros(64, 3, 7, 7)}))
+        interop.load_trunk(save("resnet.pt", {"conv1.weight": torch.zeros(64, 3, 7, 7)}))
     bad = dict(model.state_dict())
     bad["features.7.weight"] = torch.zeros(9, 4, 3, 3)
     ck = common.ckpt_header("04_train", {}) | {"arch": model.arch(), "model": bad}
     with pytest.raises(common.UserError, match="bad_shape.pt.*features.7.weight"):
-        M.load_trunk(save("bad_shape.pt", ck))
+        interop.load_trunk(save("bad_shape.pt", ck))
     with pytest.raises(common.UserError, match="version"):
         v9 = common.ckpt_header("02_model", {}) | {"version": 9, "model": {}}
-        M.load_trunk(save("v9.pt", v9))
+        interop.load_trunk(save("v9.pt", v9))

@@ -11,10 +11,10 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-import common
+from support import common
 
 km = importlib.import_module("03_kmeans")  # 03_kmeans.py
-report = importlib.import_module("report")  # report.py: clustering diagnostics
+report = importlib.import_module("support.clusterstats")  # support/clusterstats.py: diagnostics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from support import common, interop
 
 M = importlib.import_module("02_model")  # 02_model.py: trunk, heads, loss
 
@@ -151,7 +151,7 @@ def test_heads_reset_draws_V_then_one_seed_per_sub_head():
     for s in range(S):
         assert torch.equal(h.W[s], rows[s][0]) and torch.equal(h.b[s], rows[s][1])
     assert len(set(seeds)) == S and not torch.equal(h.W[0], h.W[1])  # independent rows
-    W_1, b_1 = h.sub_head(1)
+    (W_1, b_1), = h.sub_heads([1])
     assert torch.equal(W_1, h.W[1]) and torch.equal(b_1, h.b[1])
 
 
@@ -164,13 +164,13 @@ class OneRowHeads(nn.Module):
         self.W_t = nn.Parameter(heads.W[t].detach().clone())
         self.b_t = nn.Parameter(heads.b[t].detach().clone())
 
-    def sub_head(self, t):
-        assert t == self.t, f"asked for W_{t}, this rank holds W_{self.t} only"
-        return self.W_t, self.b_t
+    def sub_heads(self, ts):
+        assert list(ts) == [self.t], f"asked for W_{ts}, this rank holds W_{self.t} only"
+        return [(self.W_t, self.b_t)]
 
 
 @pytest.mark.parametrize("sub_grad_scale", [False, True])
-def test_loss_needs_only_V_S_and_sub_head(sub_grad_scale):
+def test_loss_needs_only_V_S_and_sub_heads(sub_grad_scale):
     torch.manual_seed(3)
     d, S, k_s, B, t = 10, 8, 6, 12, 5
     heads = M.Heads(d, S, k_s).double()
@@ -189,7 +189,7 @@ def test_loss_needs_only_V_S_and_sub_head(sub_grad_scale):
 
 def test_heads_backward_writes_W_gradient_once():
     """With every super-class present, forward + backward allocates a few times W's size, not S
-    times: through sub_head(t) alone, each row's backward would zero-fill a gradient as big as W."""
+    times: through W[t] one row at a time, each row's backward would zero-fill a gradient as big as W."""
     from torch.profiler import profile
     S, k_s, d, B = 16, 32, 256, 64
     g = torch.Generator().manual_seed(0)
@@ -333,7 +333,7 @@ def test_script_checkpoint_round_trip(tmp_path, capsys):
     assert ck["stage"] == "02_model" and ck["arch"] == model.arch() and ck["config"]["k"] == 20
     assert ck["heads"]["W"].shape == (8, 10, 256)
     assert common.load_ckpt(str(path), "02_model")["stage"] == "02_model"
-    loaded, info = M.load_trunk(str(path), sobel=True)
+    loaded, info = interop.load_trunk(str(path), sobel=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
@@ -356,7 +356,7 @@ def test_cli_writes_checkpoint(tmp_path):
                        env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert "conv13" in r.stdout and "fc7" in r.stdout
-    assert M.load_trunk(str(tmp_path / "02_model_init.pt"))[1]["arch"]["sobel"] is False
+    assert interop.load_trunk(str(tmp_path / "02_model_init.pt"))[1]["arch"]["sobel"] is False
 
 
 def test_cli_refuses_a_negative_fc_dim(tmp_path, capsys):

@@ -83,7 +83,7 @@ def test_runs_keep_the_cluster_labels_and_clusters_script_reads_them(sweep):
     assert npz == ["03_kmeans_ep000_labels.npz"]  # 1 epoch, T = 1: one round
     z = np.load(run / npz[0])
     assert z["super"].shape == z["sub"].shape == (96,) and z["super"].max() < 2  # m = 2
-    labels = sys.modules.get("sources") or __import__("importlib").import_module("sources")
+    labels = sys.modules.get("sources") or __import__("importlib").import_module("support.sources")
     truth = np.asarray(labels.make_source("synthetic:96").labels)
     np.savez(results / "truth.npz", super=truth, sub=np.zeros_like(truth))
     p = subprocess.run([sys.executable, "scripts/clusters.py", "--data", "synthetic:96", "--seed", "0", "--size", "16",

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import parallel
+from support import common
+from support import interop, parallel
 
 t4 = importlib.import_module("04_train")  # 04_train.py
 m02 = importlib.import_module("02_model")  # 02_model.py
@@ -100,7 +100,7 @@ def test_each_method_has_its_official_recipe():
     assert rot["lr"] == pytest.approx(0.05) and rot["weight_decay"] == 5e-4
     given = t4.recipe(t4.Config(method="deepcluster", lr=0.3, reassign=5, crop_min=0.5, weight_decay=0.0))
     assert (given["lr"], given["reassign"], given["crop_min"], given["weight_decay"]) == (0.3, 5, 0.5, 0.0)
-    assert set(t4.RECIPES) == set(t4.METHODS)
+    assert set(t4.RECIPES) == set(m02.METHODS)
 
 
 # ---- the uniform sampler, Eq. (14) ----
@@ -248,7 +248,7 @@ def test_two_epochs_outputs(runs):
     assert ck["stage"] == "04_train" and ck["epoch"] == 2 and ck["method"] == "deepercluster"
     assert ck["super"].shape == ck["sub"].shape == (160,) and ck["super"].dtype == torch.long
     assert ck["pca_proj"].shape == (256, 16) and ck["centroids_sub"].shape == (2, 8, 16)
-    m02.load_trunk(str(a / "04_train_last.pt"))  # 05 reads it through 02's loader
+    interop.load_trunk(str(a / "04_train_last.pt"))  # 05 reads it through the same loader
 
 
 def test_learning_curve_checkpoints(runs):

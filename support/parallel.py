@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
-from common import world_size
+from support import common
+from support.common import world_size
 
 
 # ---- DIST: batch norm over the global batch, and the DDP wrap ----

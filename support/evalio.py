@@ -1,23 +1,14 @@
-"""The stages' plumbing and outputs that a first reader of the paper skips: 05_eval.py's inputs and
-tables, and 04_train.py's training log (one JSON line per epoch, the progress bar, the curves).
-
-05_eval.py holds the evaluation protocol (§9.1 probes, §9.3 kNN / NMI, §9.2 VOC07) and a short
-main(); everything else it needs lives here, in two parts:
+"""05_eval.py's plumbing, which a first reader of the paper skips. 05 holds the evaluation protocol
+(§9.1 probes, §9.3 kNN / NMI, §9.2 VOC07) and a short main(); this file holds the rest:
 - inputs: the flag checks (one-line errors before any work), the VOCdevkit files (labels and
-  images of PASCAL VOC 2007), the checkpoints (ours or official, with the Sobel check of §11
-  pitfall 7), the labelled center crops, and the memory budget that splits the probed layers
-  into trunk passes;
+  images of PASCAL VOC 2007), the checkpoints (ours or official, each read once, with the Sobel
+  check of §11 pitfall 7), the labelled center crops (05 passes 01's clustering view), and the
+  memory budget that splits the probed layers into trunk passes;
 - outputs: one summary row per checkpoint (the keys scripts/reproduce.py reads from 05_eval.json),
   the per-layer and summary tables of 05_eval.md, and the figures 05_eval_layers.png and
   05_eval_clusters.png.
-Used by 05_eval.py (and possibly, later, by scripts/reproduce.py for its tables). Nothing runs at
-import time; nothing here imports 05_eval.py (it passes in what a figure needs, e.g. phi).
-Uses:   01_data.make_source / ClusterDataset, 02_model.load_trunk.
+Uses:   support.sources.make_source, support.interop (02's trunk from any checkpoint).
 """
-import functools
-import importlib
-import json
-import math
 import os
 from dataclasses import asdict
 
@@ -25,20 +16,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-import common
-
-data = importlib.import_module("01_data")  # 01_data.py: sources, center crops
-model_lib = importlib.import_module("02_model")  # 02_model.py: load_trunk
+from support import common, interop
+from support.sources import make_source
 
 
 # ---- inputs: flags, VOC07 files, checkpoints (ours or official), the labelled sources ----
-# 05's numeric flags and the smallest value each accepts; POSITIVE ones must be > 0
-AT_LEAST = {"train_subset": 0, "test_subset": 0, "probe_epochs": 1, "probe_wd": 0, "probe_batch": 1,
-            "clusters_grid": 0, "voc_iters": 1, "voc_stepsize_fc68": 1, "voc_stepsize_all": 1,
-            "voc_wd_fc68": 0, "voc_wd_all": 0, "voc_batch": 1, "voc_image_size": 0, "voc_crops": 1,
-            "batch_size": 1, "workers": 0, "seed": 0}
+# 05's numeric flags: counts >= 1, sizes and rates >= 0, learning rates and tau > 0
+AT_LEAST_1 = ("probe_epochs", "probe_batch", "voc_iters", "voc_stepsize_fc68", "voc_stepsize_all",
+              "voc_batch", "voc_crops", "batch_size")
+AT_LEAST_0 = ("train_subset", "test_subset", "probe_wd", "clusters_grid", "voc_wd_fc68",
+              "voc_wd_all", "voc_image_size", "workers", "seed")
 POSITIVE = ("probe_lr", "knn_tau", "voc_lr")
 
 
@@ -53,19 +41,10 @@ def parse_layers(spec, flag="--layers"):
 def check_flags(cfg, voc_pairs):
     """Every flag of 05, before any work: a one-line error naming it. voc_pairs: {train split: test
     split} (PAPER.md §9.2). -> (layers, knn layers, ks, VOC root)."""
-    for name, low in AT_LEAST.items():
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= low):  # nan, inf too
-            raise common.UserError(f"--{name} {getattr(cfg, name)}: must be a number >= {low}")
-    for name in POSITIVE:
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
-            raise common.UserError(f"--{name} {getattr(cfg, name)}: must be a number > 0")
-    choices = {"sobel": ("auto", "on", "off"), "voc_mode": ("fc6-8", "all", "both"),
-               "voc_train_split": tuple(voc_pairs)}
-    for name, valid in choices.items():
-        if getattr(cfg, name) not in valid:
-            pairs = " (VOC07 pairs: trainval -> test, train -> val)" if "split" in name else ""
-            raise common.UserError(f"--{name} {getattr(cfg, name)}: use {' or '.join(valid)}"
-                                   + pairs)
+    common.check_ranges(cfg, AT_LEAST_1, AT_LEAST_0, positive=POSITIVE,
+                        choices={"sobel": ("auto", "on", "off"),
+                                 "voc_mode": ("fc6-8", "all", "both"),
+                                 "voc_train_split": tuple(voc_pairs)})  # (train -> test split)
     if 0 < cfg.voc_image_size < 32:
         raise common.UserError(f"--voc_image_size {cfg.voc_image_size}: use 0 (the checkpoint's) "
                                f"or >= 32, so that conv13 keeps a 2x2 map for pool5")
@@ -128,12 +107,12 @@ def load_checkpoint(path, sobel):
     if not os.path.exists(path):
         stage = next((f"{s}.py" for s in ("04_train", "02_model") if s in path), "its stage")
         raise common.UserError(f"{path} does not exist: run {stage} first (or pass --ckpt)")
-    model, _ = model_lib.load_trunk(path)  # ours or official; unreadable files fail here, named
+    ck = interop.read_checkpoint(path)[0]  # read once: unreadable files fail here, named
+    model, _ = interop.load_trunk(ck, name=path)  # ours or official
     if sobel != "auto" and (sobel == "on") != bool(model.sobel):
         raise common.UserError(f"--sobel {sobel}, but {path} was built with sobel={model.sobel}: "
                                f"drop --sobel or pass --sobel {'on' if model.sobel else 'off'}")
-    ck = torch.load(path, map_location="cpu", weights_only=True)  # ours: config, method, clusters
-    ck = ck if ck.get("format") == common.FORMAT else {"stage": "official"}
+    ck = ck if ck.get("format") == common.FORMAT else {"stage": "official"}  # ours: config, ...
     cfg, stage = ck.get("config", {}), ck.get("stage", "official")
     method = {"02_model": "random init", "04_train": ck.get("method") or cfg.get("method", "?")}
     epoch = f" (epoch {ck['epoch']})" if stage == "04_train" and "epoch" in ck else ""
@@ -156,12 +135,13 @@ def load_checkpoints(cfg):
     return paths, loaded, cfg.data or (specs + ["fashion-mnist"])[0]
 
 
-def labelled_inputs(spec, image_size, cfg):
-    """Center crops (01's clustering view), batched, and labels of seeded train/test subsets; None
-    without a labelled test split. Crops kept in memory when small (reused by every checkpoint)."""
-    tr = data.make_source(spec, "train", subset=cfg.train_subset or None, seed=cfg.seed)
+def labelled_inputs(spec, image_size, cfg, view):
+    """Center crops (view: 01's clustering view, a Dataset class), batched, and labels of seeded
+    train/test subsets; None without a labelled test split. Crops kept in memory when small
+    (reused by every checkpoint)."""
+    tr = make_source(spec, "train", subset=cfg.train_subset or None, seed=cfg.seed)
     try:
-        te = data.make_source(spec, "test", subset=cfg.test_subset or None, seed=cfg.seed)
+        te = make_source(spec, "test", subset=cfg.test_subset or None, seed=cfg.seed)
     except common.UserError as e:  # e.g. an unlabelled folder or yfcc100m
         common.log(f"{spec}: no test split ({e}): no probes, no kNN")
         return None
@@ -171,7 +151,7 @@ def labelled_inputs(spec, image_size, cfg):
     ins = {"source": tr, "y_tr": torch.as_tensor(tr.labels), "y_te": torch.as_tensor(te.labels)}
     small = (len(tr) + len(te)) * 3 * image_size ** 2 * 4 < 1.5e9  # bytes of the crops
     for key, src in (("b_tr", tr), ("b_te", te)):
-        crops = torch.utils.data.DataLoader(data.ClusterDataset(src, image_size), cfg.batch_size,
+        crops = torch.utils.data.DataLoader(view(src, image_size), cfg.batch_size,
                                             num_workers=cfg.workers)
         ins[key] = list(crops) if small else crops
     return ins
@@ -180,7 +160,7 @@ def labelled_inputs(spec, image_size, cfg):
 def clustered_source(meta, spec):
     """The images a 04 checkpoint's last clusters were made on (its data, subset and seed)."""
     c = meta["config"]
-    return data.make_source(c.get("data", spec), "train", c.get("subset") or None, c.get("seed", 0))
+    return make_source(c.get("data", spec), "train", c.get("subset") or None, c.get("seed", 0))
 
 
 def layer_chunks(dims, n, budget=1.5e9):
@@ -255,17 +235,9 @@ def results_tables(rows, cfg, spec, sizes):
                    f"u*k_s+z vs the classes.\n")
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_layers(rows, path):
     """Probe top-1 per layer, one line per checkpoint: the paper's per-layer view, small scale."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = common.pyplot().subplots(figsize=(7, 3.5))
     for w in (w for w in rows if w["probe_layers"]):
         keys, names = layer_keys(w["probe_layers"])
         ax.plot(names, [100 * w["probe_layers"][k] for k in keys], "o-",
@@ -274,19 +246,17 @@ def plot_layers(rows, path):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)
 
 
 @torch.no_grad()
-def cluster_grid(source, flat, path, n_clusters, image_size, phi, per_row=8, seed=0):
+def cluster_grid(source, ds, flat, path, n_clusters, phi, per_row=8, seed=0):
     """The n largest clusters, one per row: the members whose phi (the features phi(x) of a batch
-    x of center crops, (n, d)) is nearest (cosine) the mean."""
-    plt = pyplot()
+    x of center crops ds[n][0], (n, d)) is nearest (cosine) the mean."""
     ids, sizes = np.unique(flat, return_counts=True)
     top = ids[np.argsort(-sizes, kind="stable")[:n_clusters]]
-    rng, ds = np.random.default_rng(seed), data.ClusterDataset(source, image_size)
-    fig, axes = plt.subplots(len(top), per_row, figsize=(per_row * 1.1, len(top) * 1.25),
+    rng = np.random.default_rng(seed)
+    fig, axes = common.pyplot().subplots(len(top), per_row, figsize=(per_row * 1.1, len(top) * 1.25),
                              squeeze=False)
     for row, c in zip(axes, top):
         members = np.flatnonzero(flat == c)
@@ -305,8 +275,7 @@ def cluster_grid(source, flat, path, n_clusters, image_size, phi, per_row=8, see
         row[0].set_title(title, fontsize=7, loc="left")
     fig.suptitle(f"the {len(top)} largest clusters: members nearest the mean fc7", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=90)
     common.log(f"wrote {path}")
 
 
@@ -325,101 +294,3 @@ def write_outputs(results, inputs, cfg, spec):
         plot_layers(rows, f"{out}/05_eval_layers.png")
         written.append(f"{out}/05_eval_layers.png")
     return written, table
-
-
-# ---- 03_kmeans.py's diagnostics: cluster sizes; NMI, Eq. (18), vs the last round and labels ----
-def _flat(res):
-    """u·k_s + z as int64 numpy, from a cluster()/two_level dict or a 03_kmeans.npz."""
-    return int(res["k_s"]) * np.asarray(res["super"], np.int64) + np.asarray(res["sub"], np.int64)
-
-
-# Eq. (18)  NMI(A, B) = I(A; B) / √(H(A)·H(B)), the geometric mean (not scikit-learn's default)
-def diagnostics(res, labels=None, prev=None):
-    """Sizes of the k = m·k_s clusters, res["stats"], NMI against prev and the labels."""
-    nmi = functools.partial(normalized_mutual_info_score, average_method="geometric")
-    flat = _flat(res)
-    m = len(res["centroids_super"])
-    sizes = np.bincount(flat, minlength=m * res["k_s"])
-    out = {"n_images": len(flat), "k": len(sizes), "m": m, "k_s": res["k_s"], **res["stats"]}
-    out["sizes"] = {"min": int(sizes.min()), "median": float(np.median(sizes)),
-                    "max": int(sizes.max()), "n_empty": int((sizes == 0).sum())}
-    if prev is not None:  # stability between consecutive rounds; None when N changed
-        p = _flat(prev)
-        out["nmi_prev"] = nmi(p, flat) if len(p) == len(flat) else None
-    if labels is not None:  # quality against the true classes
-        out["nmi_labels"] = nmi(labels, flat)
-        out["ari_labels"] = adjusted_rand_score(labels, flat)
-    return out
-
-
-def clustering_summary(dg):
-    """03_kmeans.py's one-line summary of a clustering round."""
-    nan = float("nan")
-    obj = dg["objective"] or dg["objective_sub"] or [nan]
-    nmi = [nan if dg.get(key) is None else dg[key] for key in ("nmi_labels", "nmi_prev")]
-    return (f"03_kmeans: N {dg['n_images']} | k {dg['k']} = m {dg['m']} x k_s {dg['k_s']} | "
-            f"objective {obj[0]:.4f} -> {obj[-1]:.4f} | empty split {dg['n_empty_split']} | "
-            f"sizes {dg['sizes']['min']}..{dg['sizes']['max']} | NMI labels {nmi[0]:.3f} | "
-            f"NMI prev {nmi[1]:.3f} | {dg['seconds_features'] + dg['seconds_kmeans']:.1f} s")
-
-
-# ---- 04_train.py's training log: the progress bar, one JSON line per epoch, the curves ----
-# 04_train.train_step's sums, in order
-TRAIN_KEYS = ("loss", "loss_super", "loss_sub", "acc_super", "acc_sub", "acc_joint")
-def clustering_stats(dg, seconds):
-    """The numbers of one clustering round that go in the epoch's log line."""
-    out = {key: None if dg.get(key) is None else float(dg[key])
-           for key in ("nmi_prev", "nmi_labels", "ari_labels")}
-    return out | {"n_empty": int(dg["n_empty_split"]), "cluster_min": dg["sizes"]["min"],
-                  "cluster_max": dg["sizes"]["max"], "cluster_seconds": seconds}
-
-
-def progress(sums, seconds):
-    m = sums[:-1] / sums[-1]
-    return (f"loss {m[0]:.3f} (super {m[1]:.3f} sub {m[2]:.3f}) acc joint {m[5]:.1%} "
-            f"{sums[-1] / max(seconds, 1e-9):.0f} img/s")
-
-
-def epoch_line(epoch, sums, seconds, round_stats, lr):
-    m = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
-    line = {"epoch": epoch, **dict(zip(TRAIN_KEYS, m))}
-    for key in ("nmi_prev", "nmi_labels", "ari_labels", "n_empty", "cluster_min", "cluster_max"):
-        line[key] = round_stats.get(key)
-    line["seconds"] = seconds + round_stats.get("cluster_seconds", 0.0)
-    line["images_per_s"] = float(sums[-1]) / max(seconds, 1e-9)
-    line["lr"] = lr
-    nmi = "" if line["nmi_labels"] is None else f" | NMI labels {line['nmi_labels']:.3f}"
-    common.log(f"epoch {epoch} | loss {line['loss']:.3f} (super {line['loss_super']:.3f} sub "
-               f"{line['loss_sub']:.3f}) | acc super {line['acc_super']:.1%} sub "
-               f"{line['acc_sub']:.1%} joint {line['acc_joint']:.1%}{nmi} | "
-               f"{line['seconds']:.1f} s, {line['images_per_s']:.0f} img/s")
-    return line
-
-
-def write_log(metrics, out_dir):
-    """04_train_log.jsonl, rewritten from the checkpoint's metrics (a resume repeats no line)."""
-    if not common.is_main():
-        return
-    text = "".join(json.dumps(m) + "\n" for m in metrics)
-    common.save_text(text, os.path.join(out_dir, "04_train_log.jsonl"))
-    plot_curves(metrics, os.path.join(out_dir, "04_train_curves.png"))
-
-
-def plot_curves(metrics, path):
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("loss", "loss_super", "loss_sub"), ("acc_super", "acc_sub", "acc_joint"),
-              ("nmi_prev", "nmi_labels", "ari_labels")]
-    titles = ("Eq. (8) loss", "training accuracy, Eq. (9)", "clustering")
-    for ax, keys, title in zip(axes, panels, titles):
-        for key in keys:
-            pts = [(m["epoch"], m[key]) for m in metrics if m.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=key)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

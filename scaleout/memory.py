@@ -1,5 +1,5 @@
 """The memory of one rank, on paper: what 04_train.py and 03_kmeans.cluster allocate at a given
-scale, row by row, without building anything (issue 15 item 3; PAPER.md §5.3, §4, §7).
+scale, row by row, without building anything (PAPER.md §5.3, §4, §7).
 
 plan(...) counts the bytes of each buffer from the code as written (the shapes below name the line
 that allocates them) and combines them into the instants that matter: the end of a training
@@ -8,27 +8,29 @@ extraction, PCA sample gather, whitening, k-means level 1 and 2). A rank's peak 
 instant; the phases do not overlap because PyTorch's CUDA allocator hands its cached blocks back
 and retries when an allocation fails. print_plan(cfg) prints the table for 04_train.py's flags
 (`--plan`). The clustering round is counted for two versions of the code:
-  today    03_kmeans.cluster and grouped.level2_in_groups as written (issue 15 item 1): each rank
+  today    03_kmeans.cluster and grouped.level2_in_groups as written (sharded clustering): each rank
            extracts only its shard n = N_img/N (fc7 n x d on the host, filled in place), the PCA
            sample P (pca_sample rows) is all-gathered once and fitted on rank 0, each rank whitens
            its shard on the device in chunks of rows, k-means sums and E-steps in chunks of rows,
            and the grouped layout moves to each rank only its share of one super-cluster
            (all_to_all, one super-cluster's rows sent per round);
-  before   the code before issue 15 item 1, for the record: every rank gathered all N x d
+  before   the code before sharded clustering, for the record: every rank gathered all N x d
            features, fitted the PCA on all N rows (04 had no --pca_sample), extracted at 04's
            global batch, copied x to float64 in the M-step, and the grouped layout gathered N x D.
-tests/test_scale.py checks the counts against torch (parameters, saved tensors) and the training
+tests/test_memory.py checks the counts against torch (parameters, saved tensors) and the training
 step, the extraction forward and 03_kmeans.kmeans against peak memory measured on CPU.
 
-Run:    python 04_train.py --plan ...   (04 calls scale.print_plan(cfg))
-        python scale.py                 (the paper's and DeepCluster's settings)
-Uses:   no stage: VGG configuration D is repeated here (02_model.CFG_D, tested equal); print_plan
-        reads the init checkpoint (common.load_ckpt) and, for --subset 0, sources.make_source
+Run:    python 04_train.py --plan ...   (04 calls print_plan(cfg))
+        python -m scaleout.memory      (the paper's and DeepCluster's settings)
+Uses:   VGG configuration D is repeated here (02_model.CFG_D, tested equal), so that plan() needs
+        no torch; print_plan reads 02_model.method_shape, the init checkpoint (common.load_ckpt)
+        and, for --subset 0, sources.make_source
 """
+import importlib
 import math
 import os
 
-GB = 1e9  # decimal gigabytes, as in the issue
+GB = 1e9  # decimal gigabytes
 # VGG configuration D (02_model.CFG_D): output channels of conv1..conv13, "M" a 2x2 max-pool
 CFG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 CHUNK = 2 ** 24  # 03_kmeans.CHUNK: values per temporary in its loops over chunks of rows
@@ -314,15 +316,15 @@ def print_plan(cfg, budget=80 * GB):
     cfg: 04_train.Config (method, layout, world_size, batch_size (global), k, super_clusters,
     pca_dim, amp, subset, data, init, out_dir, kmeans_backend, device). The trunk's width,
     Sobel setting and fc dim come from the init checkpoint, as in grouped.show_layout."""
-    import common  # the flag errors; imported here so that the model itself needs nothing
+    # the flag errors and the method's S, m, k_s; imported here so that the model needs nothing
+    from support import common
     method = cfg.method
     if method not in ("deepercluster", "deepcluster", "deepcluster-2level", "rotnet"):
         raise common.UserError(f"--plan knows deepercluster, deepcluster(-2level) and rotnet "
                                f"(--method {method}: supervised's k_s needs the data)")
-    m = 1 if method in ("rotnet", "deepcluster") else cfg.super_clusters
-    S = 4 * m if method in ("deepercluster", "rotnet") else m
-    k = m if method == "rotnet" else cfg.k
-    if m < 1 or k % m:
+    shape = importlib.import_module("02_model").method_shape(method, cfg.k, cfg.super_clusters)
+    m, S, k = shape["m"], shape["S"], shape["m"] * shape["k_s"]
+    if m < 1 or cfg.k % m:
         raise common.UserError(f"--k {k} must be a positive multiple of --super_clusters {m}")
     world = cfg.world_size or (S if cfg.layout == "grouped" else 1)
     if cfg.batch_size % world or (cfg.layout == "grouped" and world % S):
@@ -335,7 +337,7 @@ def print_plan(cfg, budget=80 * GB):
         arch, note = common.load_ckpt(init)["arch"], f"trunk from {init}"
     n_images = getattr(cfg, "n_images", 0) or cfg.subset
     if not n_images:
-        import sources  # the number of images of --data (reads its index, not the images)
+        from support import sources  # the number of images of --data (its index, not the images)
         n_images = len(sources.make_source(cfg.data, "train"))
     device = "cpu" if cfg.device == "cpu" else "cuda"
     backend = "faiss" if cfg.kmeans_backend == "faiss" else "torch"

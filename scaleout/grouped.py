@@ -26,14 +26,16 @@ averaged, so
 is 1 on every rank.
 Checkpoints resume in either layout with any valid N: up to GATHER_MAX_BYTES of sub-class
 heads in the replicated format (all W stacked, gathered on rank 0), above it one file per training
-group next to the checkpoint and an index in it (head_states, load_heads, assemble_heads).
+group next to the checkpoint and an index in it (scaleout/shards.py).
 
 Paper:  PAPER.md §7 (training groups, clustering groups, gradient scale, SyncBN)
 Run:    torchrun --nproc_per_node=16 04_train.py --layout grouped --out_dir out
         python 04_train.py --layout grouped --show_layout --world_size 16
             (the rank table, no processes)
-Uses:   02_model (_linear_init_), 03_kmeans (kmeans), common (process groups, synced BN)
+Uses:   02_model (_linear_init_, method_shape), 03_kmeans (kmeans, level2), support.parallel
+        (synced BN), support.common (collectives), scaleout/shards.py (checkpoints)
 """
+import functools
 import importlib
 import os
 from types import SimpleNamespace
@@ -43,9 +45,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import common
-import parallel
-from common import UserError
+from scaleout import shards
+from support import common
+from support import parallel
+from support.common import UserError
 
 m02 = importlib.import_module("02_model")  # 02_model.py: the heads' init
 m03 = importlib.import_module("03_kmeans")  # 03_kmeans.py: kmeans(group=)
@@ -100,17 +103,17 @@ class ShardedHeads(nn.Module):
         g = m02.row_generators(self.S, generator)[self.t]
         m02._linear_init_(self.W[0], self.b[0], g, self.w_std)
 
-    def sub_head(self, t):
-        """(W_t (k_s, d), b_t (k_s,)): m02.hierarchical_loss asks only for this rank's t
+    def sub_heads(self, ts):
+        """[(W_t (k_s, d), b_t (k_s,))]: m02.hierarchical_loss asks only for this rank's t
         (group_batches)."""
-        if int(t) != self.t:
-            raise RuntimeError(f"training group {self.t} got a sample of super-class {int(t)}")
-        return self.W[0], self.b[0]
+        if list(ts) != [self.t]:
+            raise RuntimeError(f"training group {self.t} got samples of super-classes {list(ts)}")
+        return [(self.W[0], self.b[0])]
 
 
 class GroupedNet(nn.Module):
     """Net under the grouped layout, without DDP: DDP averages every parameter over all ranks, and
-    each group holds a different W_t. reduce_grads (train_step calls it after backward) averages
+    each group holds a different W_t. reduce_grads (ReducedSGD calls it after backward) averages
     the trunk and V over all ranks and W_t, b_t over group t. Nothing is broadcast at the start
     (DDP does): every rank loads the same trunk and draws the same heads. Unlike DDP,
     communication does not overlap the backward pass (simpler, a little slower)."""
@@ -135,11 +138,57 @@ class GroupedNet(nn.Module):
                 p.grad.copy_(v.view_as(p))
 
 
-def wrap(net, device, groups):
-    """Under torchrun: batch norm synced over ALL ranks (not inside a group), then GroupedNet."""
-    if groups.world == 1:
-        return net
-    return GroupedNet(parallel.sync_bn(net, device), groups)
+class ReducedSGD(torch.optim.SGD):
+    """SGD whose step first calls `reduce` (GroupedNet.reduce_grads): 04's loop steps the trunk's
+    optimizer first, so one reduce serves both optimizers, and the loop needs no branch."""
+
+    def __init__(self, params, reduce, **kw):
+        super().__init__(params, **kw)
+        self._reduce = reduce
+
+    def step(self, closure=None):
+        self._reduce()
+        return super().step(closure)
+
+
+class GroupedLayout:
+    """04_train.Replicated's methods for the paper's layout: ShardedHeads (V and W_t), GroupedNet
+    (BN synced over all ranks, W_t averaged in its group), each group's batches of its own
+    super-class, level 2 of the k-means inside the clustering groups, checkpoints gathered or in
+    per-group shards. 04's main() builds it under --layout grouped and nowhere else."""
+
+    def __init__(self, cfg, setup, rank, world):
+        self.g, self.batch_size, self.S = make_groups(setup, rank, world), cfg.batch_size, setup["S"]
+        self.rank, self.world, self.net = rank, world, None
+        # DIST: level 2 of super-cluster u in clustering group u (the all-ranks loop in one process)
+        self.level2 = (functools.partial(level2_in_groups, groups=self.g.cluster)
+                       if self.g.cluster is not None else m03.level2)
+
+    def heads(self, d, S, k_s, w_std):
+        return ShardedHeads(d, S, k_s, self.g.t, w_std=w_std)
+
+    def wrap(self, net, device):
+        """Under torchrun: batch norm synced over ALL ranks (not inside a group), then
+        GroupedNet."""
+        self.net = net if self.g.world == 1 else GroupedNet(parallel.sync_bn(net, device), self.g)
+        return self.net
+
+    def optimizers(self, trunk, heads, sgd, sgd_heads):
+        reduce = self.net.reduce_grads if self.g.world > 1 else (lambda: None)  # (one process)
+        return (ReducedSGD([p for p in trunk.parameters() if p.requires_grad], reduce, **sgd),
+                torch.optim.SGD(heads.parameters(), **sgd_heads))
+
+    def batches(self, plan_s, start):
+        return group_batches(plan_s, self.batch_size, self.rank, self.world, self.S, start)
+
+    def head_states(self, heads, opt, path):
+        return shards.head_states(heads, opt, self.g, path)
+
+    def saved(self, path, head_sd):
+        shards.drop_stale_shards(path, head_sd)  # the shards of earlier saves
+
+    def load_heads(self, heads, opt, ck, path):
+        shards.load_heads(heads, opt, ck, self.g, path)
 
 
 def group_batches(plan_s, batch_size, rank, world, S, start=0):
@@ -161,154 +210,6 @@ def group_batches(plan_s, batch_size, rank, world, S, start=0):
             for b in range(start, int(counts.min()) // B_t)]
 
 
-# The gathered checkpoint format holds all of W, b (and their momentum) on rank 0: up to this many
-# bytes; above it (and when the checkpoint's path is known) each training group writes its own rows
-GATHER_MAX_BYTES = 10 ** 9
-
-
-def _gather_rows(p, groups):
-    """Row t (1, ...) of the first rank of every training group -> (S, ...) on rank 0 (None on the
-    other ranks)."""
-    if groups.world == 1:
-        return p
-    if common.get_rank() % groups.G:  # not a group's first rank: its row is a copy of that rank's
-        return None
-    rows = [torch.empty_like(p) for _ in range(groups.S)] if common.is_main() else None
-    dist.gather(p.detach().contiguous(), rows, dst=0, group=groups.leaders)
-    return torch.cat(rows) if common.is_main() else None  # S x (1, k_s, d) -> (S, k_s, d)
-
-
-def shard_path(path, t, token):
-    """The file of training group t's rows next to checkpoint `path`, named by the save's token: a
-    new save never overwrites the shards the checkpoint on disk still points to."""
-    return f"{path}.heads_t{t:03d}.{int(token):x}.pt"
-
-
-def drop_stale_shards(path, index):
-    """Rank 0, after writing checkpoint `path` whose heads state is `index`: delete the shard files
-    of `path` that it does not list (those of earlier saves)."""
-    keep = set(index.get("files", [])) if "sharded" in index else set()
-    folder, base = os.path.split(os.path.abspath(path))
-    for name in os.listdir(folder):
-        if name.startswith(base + ".heads_t") and name.endswith(".pt") and name not in keep:
-            os.remove(os.path.join(folder, name))
-
-
-def head_states(heads, opt, groups, path=None):
-    """-> (heads state, head optimizer state) of a checkpoint, so that it loads in any layout.
-    Grouped: collective, (None, None) on ranks other than 0. Gathered format (up to
-    GATHER_MAX_BYTES, or no path given): rank 0 gathers W (S, k_s, d), b (S, k_s) and their SGD
-    momentum, the replicated format. Sharded format: the first rank of group t writes W_t, b_t and
-    their momentum to shard_path(path, t, token); the heads state is an index
-    {"sharded": S, "files", "token", V.weight, V.bias}, and the optimizer state lacks W's and b's momentum."""
-    sd, osd = heads.state_dict(), opt.state_dict()
-    if groups is None:
-        return sd, osd
-    # the optimizer's keys are positions
-    pos = {name: i for i, (name, _) in enumerate(heads.named_parameters())}
-    # shallow copies: the live optimizer state is left untouched
-    osd = dict(osd, state=dict(osd["state"]))
-    moms = {name: osd["state"][pos[name]]["momentum_buffer"]
-            for name in ("W", "b") if pos[name] in osd["state"]}
-    total = groups.S * sum(p.numel() * p.element_size() for p in [sd["W"], sd["b"], *moms.values()])
-    if path is None or total <= GATHER_MAX_BYTES:
-        for name in ("W", "b"):
-            sd[name] = _gather_rows(sd[name], groups)
-            # no momentum right after a head reset; the same on every rank
-            if name in moms:
-                st = osd["state"][pos[name]]
-                osd["state"][pos[name]] = dict(st, momentum_buffer=_gather_rows(moms[name], groups))
-        return (sd, osd) if common.is_main() else (None, None)
-    # a token ties the shards to this index: a crash between the shards and the index is caught
-    # (os.urandom: torch's RNG draws the dropout masks, and a resume restores it; on W's device
-    # for nccl)
-    token = torch.tensor([int.from_bytes(os.urandom(7), "little")], device=sd["W"].device)
-    token = common.broadcast(token, 0).cpu()
-    if common.get_rank() % groups.G == 0:  # the first rank of group t writes row t
-        shard = {"t": groups.t, "token": token, "W": sd["W"].cpu(), "b": sd["b"].cpu()}
-        shard |= {f"{name}_momentum": v.cpu() for name, v in moms.items()}
-        common.save_ckpt(shard, shard_path(path, groups.t, token))
-    common.barrier()  # every shard is on disk before rank 0 writes the index
-    index = {"sharded": groups.S, "token": token, "V.weight": sd["V.weight"],
-             "V.bias": sd["V.bias"],
-             "files": [os.path.basename(shard_path(path, t, token))
-                       for t in range(groups.S)]}
-    for name in moms:
-        del osd["state"][pos[name]]
-    return (index, osd) if common.is_main() else (None, None)
-
-
-def _read_shard(ck, path, t):
-    """Row t's shard of a sharded checkpoint `path` (ck: its contents), checked against the
-    index."""
-    if path is None:
-        raise UserError("the checkpoint keeps its sub-class heads in per-group files: give its "
-                        "path to grouped.load_heads / assemble_heads")
-    name = os.path.join(os.path.dirname(os.path.abspath(path)), ck["heads"]["files"][t])
-    hint = f"{path} keeps training group {t}'s sub-class head there; copy it along"
-    if not os.path.exists(name):
-        raise UserError(f"{name} does not exist: {hint}")
-    shard = torch.load(name, map_location="cpu", weights_only=True)
-    if shard.get("t") != t or not torch.equal(shard.get("token"), ck["heads"]["token"]):
-        raise UserError(f"{name} belongs to another checkpoint than {path} (a run stopped while "
-                        f"saving?): resume from another checkpoint")
-    return shard
-
-
-def _with_rows(ck, path, rows, heads_keys):
-    """(heads state, optimizer state) with W, b and their momentum = rows' shards stacked."""
-    index, osd = ck["heads"], ck["head_optimizer"]
-    shards = [_read_shard(ck, path, t) for t in rows]
-    sd = {"V.weight": index["V.weight"], "V.bias": index["V.bias"]}
-    osd = dict(osd, state=dict(osd["state"]))
-    pos = {name: i for i, name in enumerate(heads_keys)}
-    for name in ("W", "b"):
-        sd[name] = torch.cat([s[name] for s in shards])
-        if f"{name}_momentum" in shards[0]:
-            osd["state"][pos[name]] = {
-                "momentum_buffer": torch.cat([s[f"{name}_momentum"] for s in shards])}
-    return sd, osd
-
-
-# m02.Heads' and ShardedHeads' parameter order, the optimizer's keys (own parameters before
-# V's)
-HEAD_KEYS = ("W", "b", "V.weight", "V.bias")
-
-
-def assemble_heads(ck, path=None):
-    """-> (heads state, head optimizer state) of checkpoint ck (read from `path`) in the
-    replicated format (W (S, k_s, d)), whichever format it was written in: one process, or
-    --layout replicated, loads these."""
-    if "sharded" not in ck["heads"]:
-        return ck["heads"], ck["head_optimizer"]
-    return _with_rows(ck, path, range(ck["heads"]["sharded"]), HEAD_KEYS)
-
-
-def load_heads(heads, opt, ck, groups, path=None):
-    """Load checkpoint ck's heads and head optimizer (either format; path: ck's file, needed for
-    the sharded one); the grouped layout keeps row t of W, b and of their momentum, and reads only
-    its own shard."""
-    keys = [name for name, _ in heads.named_parameters()]
-    if groups is not None and "sharded" in ck["heads"]:
-        sd, osd = _with_rows(ck, path, [groups.t], keys)
-    elif groups is not None:
-        sd, osd = ck["heads"], ck["head_optimizer"]
-        t, pos = groups.t, {name: i for i, name in enumerate(keys)}
-        # (S, k_s, d) -> (1, k_s, d), (S, k_s) -> (1, k_s)
-        sd = dict(sd, W=sd["W"][t:t + 1], b=sd["b"][t:t + 1])
-        osd = dict(osd, state=dict(osd["state"]))
-        for name in ("W", "b"):
-            if pos[name] in osd["state"]:
-                # clone: the optimizer would otherwise keep a view of all S rows
-                st = osd["state"][pos[name]]
-                osd["state"][pos[name]] = dict(
-                    st, momentum_buffer=st["momentum_buffer"][t:t + 1].clone())
-    else:
-        sd, osd = assemble_heads(ck, path)
-    heads.load_state_dict(sd)
-    opt.load_state_dict(osd)
-
-
 def head_params(S, k_s, d):
     """Head parameters on one rank -> (replicated: V + all W_s, b_s, grouped: V + W_t, b_t)."""
     V = S * d + S
@@ -322,9 +223,8 @@ def show_layout(cfg):
         raise UserError(f"--show_layout knows deepercluster, deepcluster(-2level) and rotnet "
                         f"(--method {cfg.method}: supervised has S = 1, a single group, "
                         f"and its k_s needs the data)")
-    rotate = cfg.method not in ("deepcluster", "deepcluster-2level")
-    m = 1 if cfg.method in ("rotnet", "deepcluster") else cfg.super_clusters
-    S, k_s = 4 * m if rotate else m, 1 if cfg.method == "rotnet" else cfg.k // m
+    shape = m02.method_shape(cfg.method, cfg.k, cfg.super_clusters)
+    S, m, k_s, rotate = shape["S"], shape["m"], shape["k_s"], shape["rotate"]
     if m < 1 or cfg.k % m:
         raise UserError(f"--k {cfg.k} must be a positive multiple of --super_clusters {m} "
                         f"(k_s = k/m, Eq. (7))")
@@ -388,6 +288,8 @@ def level2_in_groups(x, u, n_u, k_s, niter, seed, backend, groups):
     Memory per rank, beyond the shard x (n, D): one super-cluster's members of x at a time (the
     send buffer, about n/m rows) and the received share (n_v/C rows; about n when the
     super-clusters are balanced), then the k-means buffers of that share; never all N x D."""
+    if k_s == 1:  # z = 0 everywhere: nothing to move
+        return m03.level2(x, u, n_u, k_s, niter, seed, backend)
     m, rank, world, D = len(groups), common.get_rank(), common.world_size(), x.shape[1]
     C = world // m  # ranks per clustering group
     v, j = rank // C, rank % C  # my super-cluster, my place in its clustering group

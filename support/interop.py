@@ -1,7 +1,8 @@
 """Trunk weights in and out of 02_model.VGG: our 02/04 checkpoints, official DeeperCluster
-checkpoints, torchvision's vgg16_bn. Not the paper: a first reader can skip this file.
+checkpoints, torchvision's vgg16_bn. Not the paper: a first reader can skip this file. It imports
+stage 02 because 02's VGG is the building block it adapts (02 imports nothing from here).
 
-02_model.load_trunk (used by 03, 04 and 05) forwards to load_trunk here.
+load_trunk is how 03, 04 and 05 read a trunk from any of these files.
 - torchvision: our trunk without Sobel has the keys of torchvision.models.vgg16_bn (features.*,
   classifier.0/3.*) minus its fc8. torchvision pads inside conv1 only and pools to 7x7; ours pads
   by 1 first, so ours(x) = torchvision's fc7 of F.pad(x, (1, 1, 1, 1)).
@@ -18,9 +19,9 @@ import re
 
 import torch
 
-import common
+from support import common
 
-m02 = importlib.import_module("02_model")  # 02_model.py: VGG trunk, build_model
+m02 = importlib.import_module("02_model")  # 02_model.py: the VGG trunk this file adapts
 
 NO_TV = ("a Sobel model has no torchvision counterpart (conv1 takes 2 channels); "
          "build it with sobel=False")
@@ -42,9 +43,11 @@ def load_torchvision_state_dict(model, sd):
 
 
 # ---- reading a file, the architecture from the shapes ----
-def _read(path_or_sd):
+def read_checkpoint(path_or_sd, name="<state dict>"):
+    """-> (contents, name) of a checkpoint file (a dict given is passed through), with a one-line
+    error for a missing or unreadable file."""
     if not isinstance(path_or_sd, (str, os.PathLike)):
-        return path_or_sd, "<state dict>"
+        return path_or_sd, name
     path = os.fspath(path_or_sd)
     if not os.path.exists(path):
         raise common.UserError(f"{path} does not exist: run 02_model.py or 04_train.py first, "
@@ -114,7 +117,7 @@ def official_key(key):
 def load_official(path_or_sd, sobel=None):
     """Trunk from the official DeeperCluster layout (body.*, sobel.*, pred_layer.*, maybe under
     "state_dict", maybe with DDP's "module.") or torchvision vgg16_bn weights -> (VGG, info)."""
-    return _official(*_read(path_or_sd), sobel)
+    return _official(*read_checkpoint(path_or_sd), sobel)
 
 
 def _official(ck, name, sobel):
@@ -134,13 +137,13 @@ def _official(ck, name, sobel):
 
 
 # ---- any of the above, or our own 02/04 checkpoints ----
-def load_trunk(path_or_sd, sobel=None):
+def load_trunk(path_or_sd, sobel=None, name="<state dict>"):
     """-> (VGG on CPU, in train mode like any new module; info: source, arch, name, ignored keys).
 
     Reads our 02/04 checkpoints ("arch" + "model"), official DeeperCluster files and torchvision
-    weights, from a path or an in-memory dict. sobel: the setting the caller expects; a mismatch
-    is an error (PAPER.md §11 pitfall 7)."""
-    ck, name = _read(path_or_sd)
+    weights, from a path or an in-memory dict (named `name` in errors). sobel: the setting the
+    caller expects; a mismatch is an error (PAPER.md §11 pitfall 7)."""
+    ck, name = read_checkpoint(path_or_sd, name)
     if not isinstance(ck, dict):
         raise common.UserError(f"{name} holds a {type(ck).__name__}, not a checkpoint dict")
     if ck.get("format") != common.FORMAT:

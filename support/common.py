@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -153,6 +154,21 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, **kw):
+    """fig.savefig(path), atomically like every other write, then close the figure."""
+    _atomic(path, lambda tmp: fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png", **kw))
+    pyplot().close(fig)
+    return path
+
+
 def save_npz(path, **arrays):
     def write(tmp):
         # a file handle, so numpy does not append '.npz' to the temp name
@@ -260,17 +276,32 @@ def log(*args, **kw):
 
 
 # ---- flag checks: one line naming every bad value ----
-def check_ranges(cfg, at_least_1=(), at_least_0=(), choices=None):
-    """One UserError listing every numeric flag out of range (NaN included), or naming a value that
-    is not among its choices ({flag: allowed values}), before any work."""
+def check_ranges(cfg, at_least_1=(), at_least_0=(), choices=None, positive=()):
+    """One UserError listing every numeric flag out of range (NaN and infinity included), or naming
+    a value that is not among its choices ({flag: allowed values}), before any work."""
     for flag, allowed in (choices or {}).items():
         if getattr(cfg, flag) not in allowed:
             raise UserError(f"--{flag} {getattr(cfg, flag)!r}: use {' or '.join(allowed)}")
-    bad = [f"--{f} {getattr(cfg, f)}" for f in at_least_1 if not getattr(cfg, f) >= 1]
-    bad += [f"--{f} {getattr(cfg, f)}" for f in at_least_0 if not getattr(cfg, f) >= 0]
+    ok = lambda v, low: math.isfinite(v) and v >= low  # noqa: E731
+    bad = [f for f in at_least_1 if not ok(getattr(cfg, f), 1)]
+    bad += [f for f in at_least_0 if not ok(getattr(cfg, f), 0)]
+    bad += [f for f in positive if not (ok(getattr(cfg, f), 0) and getattr(cfg, f) > 0)]
     if bad:
-        raise UserError(f"{', '.join(bad)}: counts must be >= 1, sizes and rates >= 0 "
-                        f"(0 = off or all)")
+        raise UserError(f"{', '.join(f'--{f} {getattr(cfg, f)}' for f in bad)}: counts must be "
+                        f">= 1, sizes and rates >= 0 (0 = off or all), learning rates and "
+                        f"temperatures > 0")
+
+
+def parse_counts(text, flag):
+    """'250000,1000000' -> [250000, 1000000] (sorted, distinct, >= 1); a one-line error naming the
+    flag otherwise."""
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give a comma list of counts, e.g. 250000,1000000") from None
+    if counts and counts[0] < 1:
+        raise UserError(f"{flag} {text!r}: counts must be >= 1")
+    return counts
 
 
 # ---- checkpoint compatibility: which settings must match for a resume ----

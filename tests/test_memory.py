@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-import scale
+from scaleout import memory as scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 m02 = importlib.import_module("02_model")  # 02_model.py: the trunk and heads that scale.py counts
@@ -40,7 +40,7 @@ def test_params_match_02_model(width, size, sobel, fc_dim):
     assert p["bytes"]["heads"] == 4 * m02.n_params(m02.Heads(d, 8, 20))  # V + all 8 W_s
     p = scale.plan(image_size=size, width=width, fc_dim=fc_dim, sobel=sobel, batch=4, S=8, m=2,
                    k=40, layout="grouped", world=8, n_images=100, pca_dim=0)
-    grouped = importlib.import_module("grouped")  # grouped.py: ShardedHeads holds V + W_t
+    grouped = importlib.import_module("scaleout.grouped")  # grouped.py: ShardedHeads holds V + W_t
     assert p["bytes"]["heads"] == 4 * m02.n_params(grouped.ShardedHeads(d, 8, 20, t=3))
 
 
@@ -243,6 +243,6 @@ def test_print_plan_reads_04_flags(tmp_path, capsys):
     plans = scale.print_plan(cfg)
     assert len(plans) == 1 and plans[0]["bytes"] == scale.plan(**scale.paper_setting())["bytes"]
     assert "verdict (device): today: fits" in capsys.readouterr().out
-    with pytest.raises(importlib.import_module("common").UserError, match="--world_size"):
+    with pytest.raises(importlib.import_module("support.common").UserError, match="--world_size"):
         scale.print_plan(m04.Config(out_dir=str(tmp_path), subset=100, world_size=3,
                                     batch_size=64))
