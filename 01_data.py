@@ -6,7 +6,7 @@ training view a(x) (random resized crop + flip, §5.4) followed by rho_r in a ro
 (§2.1, §5.2); and the clustering view (resize + center crop, no rotation, §4.1) that 03 embeds.
 The views are torchvision v2 transforms; the training view draws from a generator seeded per
 sample, so a resumed or multi-worker run sees exactly the views an uninterrupted one does. Images:
-from support/sources.py (plumbing a first reader can skip) through make_source(spec, split, subset, seed):
+from support/sources.py (plumbing a first reader can skip), make_source(spec, split, subset, seed):
   fashion-mnist[:ROOT] (default), cifar10:ROOT, tinyimagenet:ROOT, folder:PATH, yfcc100m:PATH,
   synthetic[:N]; unreadable image files are left out and counted.
 
@@ -35,7 +35,7 @@ from support.sources import make_source  # noqa: F401  the --data sources (data.
 
 @dataclass(frozen=True)
 class Config:
-    data: str = "fashion-mnist"  # source spec, see sources.py (e.g. tinyimagenet:ROOT, folder:PATH)
+    data: str = "fashion-mnist"  # source spec: support/sources.py (tinyimagenet:ROOT, folder:PATH)
     out_dir: str = "out"  # folder for 01_data.json and 01_data_rotations.png
     subset: int = 0  # keep a fixed, seeded random subset of this many training images (0 = all)
     image_size: int = 32  # crop side S in pixels (paper: 224)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from support import clusterstats, common, interop, parallel, trainlog
+from support import clusterstats, common, interop, parallel, resume, trainlog
 from support.common import UserError
 
 data = importlib.import_module("01_data")  # 01_data.py: sources, RotationDataset
@@ -218,7 +218,7 @@ class Replicated:
     """--layout replicated (the default; one process too): every rank holds all heads, DDP averages
     every gradient, each rank feeds every world-th sample of the global batch. The paper's layout
     (scaleout/grouped.py, --layout grouped) has the same methods and shards the heads."""
-    level2 = staticmethod(m03.level2)  # 03's level-2 k-means: every rank loops over the super-clusters
+    level2 = staticmethod(m03.level2)  # 03's level 2: every rank loops over the super-clusters
 
     def __init__(self, cfg, setup, rank, world):
         self.batch_size, self.rank, self.world = cfg.batch_size, rank, world
@@ -310,7 +310,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
         common.log(f"resuming {last}: epoch {epoch}, iteration {it}")
 
     def checkpoint(path, x=None):  # all ranks: exact resume, never diverged weights (x: finite?)
-        if not common.healthy([trunk, heads], trunk, x):
+        if not resume.healthy([trunk, heads], trunk, x):
             raise FloatingPointError("non-finite weights or outputs after the last update")
         head_sd, head_osd = layout.head_states(heads, opts[1], path)
         idx, rot = plan or (torch.zeros(0, dtype=torch.long),) * 2
@@ -318,7 +318,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
                  "round": round_stats, "sums": sums.cpu(), "seconds": clock(),
                  "metrics": metrics, "arch": trunk.arch(), "model": trunk.state_dict(),
                  "heads": head_sd, "optimizer": opts[0].state_dict(), "head_optimizer": head_osd,
-                 "method": cfg.method, "rng": common.rng_states(device)}  # every rank's dropout RNG
+                 "method": cfg.method, "rng": resume.rng_states(device)}  # every rank's dropout RNG
         if common.is_main():
             common.save_ckpt(common.ckpt_header("04_train", cfg) | state | clusters, path)
             layout.saved(path, head_sd)
@@ -343,7 +343,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
         if it < n_iter and (due or (cfg.ckpt_every and it % cfg.ckpt_every == 0)):
             checkpoint(last, x)
 
-    stop = common.StopFlag(every_s=60 * cfg.ckpt_minutes)  # SIGINT / SIGTERM: a flag
+    stop = resume.StopFlag(every_s=60 * cfg.ckpt_minutes)  # SIGINT / SIGTERM: a flag
     t0 = time.time()
     clock = lambda: seconds + time.time() - t0  # noqa: E731  (training seconds of this epoch)
     try:
@@ -425,7 +425,7 @@ def load_start(cfg, last):
     """-> (trunk, ck): 04_train_last.pt's trunk and contents when resuming, else (init's, None)."""
     init = cfg.init or os.path.join(cfg.out_dir, "02_model_init.pt")
     trunk = interop.load_trunk(init)[0] if os.path.exists(init) else None
-    ck = common.resume_checkpoint(last, "04_train", cfg, COMPAT, COMPAT_MID_EPOCH,
+    ck = resume.resume_checkpoint(last, "04_train", cfg, COMPAT, COMPAT_MID_EPOCH,
                                   trunk and trunk.arch())
     if ck is not None:
         return interop.load_trunk(ck, name=last)[0], ck
@@ -471,7 +471,7 @@ def main(cfg):
         for opt, hyper in zip(opts, (sgd, sgd_heads)):  # the flags win over the saved ones
             for group in opt.param_groups:  # (e.g. a lower --lr after a NaN)
                 group.update(hyper)
-        common.set_rng_states(ck["rng"], rank, device)
+        resume.set_rng_states(ck["rng"], rank, device)
     model.train()
     train(cfg, setup, source, trunk, heads, model, opts, layout, ck)
     common.log(f"done: {cfg.epochs} epochs; 04_train_last.pt, log and curves in {cfg.out_dir}")

@@ -158,7 +158,8 @@ class GroupedLayout:
     per-group shards. 04's main() builds it under --layout grouped and nowhere else."""
 
     def __init__(self, cfg, setup, rank, world):
-        self.g, self.batch_size, self.S = make_groups(setup, rank, world), cfg.batch_size, setup["S"]
+        self.g = make_groups(setup, rank, world)
+        self.batch_size, self.S = cfg.batch_size, setup["S"]
         self.rank, self.world, self.net = rank, world, None
         # DIST: level 2 of super-cluster u in clustering group u (the all-ranks loop in one process)
         self.level2 = (functools.partial(level2_in_groups, groups=self.g.cluster)

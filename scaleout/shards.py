@@ -54,7 +54,8 @@ def head_states(heads, opt, groups, path=None):
     GATHER_MAX_BYTES, or no path given): rank 0 gathers W (S, k_s, d), b (S, k_s) and their SGD
     momentum, the replicated format. Sharded format: the first rank of group t writes W_t, b_t and
     their momentum to shard_path(path, t, token); the heads state is an index
-    {"sharded": S, "files", "token", V.weight, V.bias}, and the optimizer state lacks W's and b's momentum."""
+    {"sharded": S, "files", "token", V.weight, V.bias}, and the optimizer state lacks W's and b's
+    momentum."""
     sd, osd = heads.state_dict(), opt.state_dict()
     # the optimizer's keys are positions
     pos = {name: i for i, (name, _) in enumerate(heads.named_parameters())}

@@ -228,7 +228,8 @@ def results_tables(rows, cfg, spec, sizes):
              + ["-" if w[k] is None else f"{w[k]:.3f}" for k in ("nmi_labels", "ari_labels")]
              + [pct(w["voc_map"].get(m)) for m in voc] for w in rows]
     header = ["checkpoint", "method", "kNN@20", "kNN@200", "NMI vs labels", "ARI"]
-    text += "Summary (§9.3, §9.2):\n\n" + markdown(header + [f"VOC07 mAP {m}" for m in voc], lines)
+    header += [f"VOC07 mAP {m}" for m in voc]
+    text += "Summary (§9.3, §9.2):\n\n" + markdown(header, lines)
     return text + (f"\n\nProbes: {cfg.probe_epochs} epochs, lr0 {cfg.probe_lr}, {sizes[0]} train "
                    f"images, {'random' if cfg.probe_aug else 'cached center'} crops. kNN on "
                    f"{cfg.knn_layer}, tau {cfg.knn_tau}. NMI (Eq. (18)) and ARI: the last clusters "
@@ -256,8 +257,8 @@ def cluster_grid(source, ds, flat, path, n_clusters, phi, per_row=8, seed=0):
     ids, sizes = np.unique(flat, return_counts=True)
     top = ids[np.argsort(-sizes, kind="stable")[:n_clusters]]
     rng = np.random.default_rng(seed)
-    fig, axes = common.pyplot().subplots(len(top), per_row, figsize=(per_row * 1.1, len(top) * 1.25),
-                             squeeze=False)
+    fig, axes = common.pyplot().subplots(len(top), per_row,
+                                         figsize=(per_row * 1.1, len(top) * 1.25), squeeze=False)
     for row, c in zip(axes, top):
         members = np.flatnonzero(flat == c)
         title = f"cluster {c}, n={len(members)}"

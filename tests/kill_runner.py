@@ -4,7 +4,7 @@
 
 AT: the global step count (1 = the first step of this process); SIGNAL: SIGKILL (a crash), SIGINT (Ctrl-C) or
 SIGTERM (a scheduler's notice); WHERE: "boundary" sends it after the step and its bookkeeping, as the loop asks the
-stop flag (common.StopFlag.poll, once per iteration); "in_step" sends it right after the step's last optimizer
+stop flag (resume.StopFlag.poll, once per iteration); "in_step" sends it right after the step's last optimizer
 update (the heads' SGD.step), before the loop counts the step: the moment where an exception instead of a flag
 would save updated weights with the old position. Both by wrapping public functions from outside the loop."""
 import importlib
@@ -15,12 +15,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from support import common  # noqa: E402
+from support import common, resume  # noqa: E402
 
 t4 = importlib.import_module("04_train")
 at, sig, where = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3]
 calls = {"step": 0, "poll": 0}
-real_step, real_poll = torch.optim.SGD.step, common.StopFlag.poll
+real_step, real_poll = torch.optim.SGD.step, resume.StopFlag.poll
 
 
 def counted_step(self, *args, **kw):  # two optimizers (trunk, heads) step once per iteration, in that order
@@ -38,5 +38,5 @@ def counted_poll(self, device):  # once per iteration, after the step and its bo
     return real_poll(self, device)
 
 
-torch.optim.SGD.step, common.StopFlag.poll = counted_step, counted_poll
+torch.optim.SGD.step, resume.StopFlag.poll = counted_step, counted_poll
 common.run(t4.main, t4.Config, sys.argv[4:])

@@ -1,7 +1,7 @@
 """Tests for 01_data.py, the stage: rotations against torch.rot90, the two views against
 torchvision's functional ops at independently drawn parameters, per-sample seeding (same seed, same
 view; DataLoader workers agree), the two datasets, and one subprocess run of the script. The
-sources (sources.py) are tested in test_data_sources.py."""
+sources (support/sources.py) are tested in test_data_sources.py."""
 import importlib
 import json
 import math

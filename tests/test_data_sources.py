@@ -1,4 +1,4 @@
-"""Tests for sources.py, the image sources behind 01_data.make_source: every source on tiny trees
+"""Tests for support/sources.py, the image sources behind 01_data.make_source: every source on tiny trees
 built in tmp_path (Fashion-MNIST also on the real Debian copy when installed), image modes, the
 checks of unreadable files, and bad input: one-line UserErrors (exit 2) naming the file."""
 import gzip

@@ -1,4 +1,4 @@
-"""The paper's grouped layout (04_train.py --layout grouped, grouped.py, PAPER.md §7) with gloo on CPU, 4 processes, tiny model:
+"""The paper's grouped layout (04_train.py --layout grouped, scaleout/grouped.py, PAPER.md §7) with gloo on CPU, 4 processes, tiny model:
 
 - one training step gives the single-process loss and trunk/V gradients on the union of the groups' batches, and
   sub-class head gradients S times the single-process ones (derivation below), for S = 4 (one super-cluster x 4

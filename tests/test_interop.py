@@ -1,4 +1,4 @@
-"""Tests for interop.py: our trunk against torchvision's VGG (both ways), the official
+"""Tests for support/interop.py: our trunk against torchvision's VGG (both ways), the official
 DeeperCluster checkpoint layouts (DDP's "module." at the start and inside), and the one-line
 errors of load_trunk."""
 import importlib

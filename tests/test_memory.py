@@ -1,4 +1,4 @@
-"""Tests for scale.py, the per-rank memory model (issue 15 item 3).
+"""Tests for scaleout/memory.py, the per-rank memory model.
 
 Oracles: parameter counts against 02_model's modules (torch counts them), the bytes autograd saves
 against a saved-tensor hook, and the whole training step, the feature-extraction forward and
@@ -18,7 +18,7 @@ import torch
 from scaleout import memory as scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-m02 = importlib.import_module("02_model")  # 02_model.py: the trunk and heads that scale.py counts
+m02 = importlib.import_module("02_model")  # 02_model.py: the trunk and heads that memory.py counts
 BUDGET = 80 * scale.GB
 
 
@@ -40,7 +40,7 @@ def test_params_match_02_model(width, size, sobel, fc_dim):
     assert p["bytes"]["heads"] == 4 * m02.n_params(m02.Heads(d, 8, 20))  # V + all 8 W_s
     p = scale.plan(image_size=size, width=width, fc_dim=fc_dim, sobel=sobel, batch=4, S=8, m=2,
                    k=40, layout="grouped", world=8, n_images=100, pca_dim=0)
-    grouped = importlib.import_module("scaleout.grouped")  # grouped.py: ShardedHeads holds V + W_t
+    grouped = importlib.import_module("scaleout.grouped")  # scaleout/grouped.py: ShardedHeads holds V + W_t
     assert p["bytes"]["heads"] == 4 * m02.n_params(grouped.ShardedHeads(d, 8, 20, t=3))
 
 

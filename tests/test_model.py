@@ -1,6 +1,6 @@
 """Oracle tests for 02_model.py: the hierarchical loss against a per-sample loop (and its memory at
 DeepCluster scale), Sobel against a hand-written convolution, parameter counts against a formula and
-torchvision, the script's checkpoint. Weight interop (interop.py): tests/test_interop.py."""
+torchvision, the script's checkpoint. Weight interop (support/interop.py): tests/test_interop.py."""
 import importlib
 import os
 import subprocess

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from support import common
-from support import interop, parallel
+from support import interop, parallel, resume
 
 t4 = importlib.import_module("04_train")  # 04_train.py
 m02 = importlib.import_module("02_model")  # 02_model.py
@@ -205,11 +205,11 @@ def test_convert_sync_bn_keeps_weights():
 def test_incompatible_lists_differences():
     cfg = t4.Config(k=16, super_clusters=2, data="synthetic:160")
     old = dataclasses.asdict(cfg)
-    assert common.config_diff(old, cfg, t4.COMPAT + t4.COMPAT_MID_EPOCH) == []
+    assert resume.config_diff(old, cfg, t4.COMPAT + t4.COMPAT_MID_EPOCH) == []
     old.update(k=32, method="rotnet", batch_size=32, seed=5)
-    diff = "; ".join(common.config_diff(old, cfg, t4.COMPAT))
+    diff = "; ".join(resume.config_diff(old, cfg, t4.COMPAT))
     assert "--k 32 there vs 16 now" in diff and "'rotnet' there vs 'deepercluster' now" in diff
-    mid = "; ".join(common.config_diff(old, cfg, t4.COMPAT_MID_EPOCH))  # checked on a mid-epoch resume only
+    mid = "; ".join(resume.config_diff(old, cfg, t4.COMPAT_MID_EPOCH))  # checked on a mid-epoch resume only
     assert mid == "--batch_size 32 there vs 64 now; --seed 5 there vs 0 now"
 
 
