@@ -65,6 +65,7 @@ class Config:
     sub_grad_scale: bool = False  # W_s's gradient times B/B_s: the official per-group mean (§7)
     workers: int = 2  # DataLoader worker processes
     crop_min: float = 0.0  # smallest crop area; 0 = 0.08 from 128 px, 0.2 below (paper: 0.08)
+    top_layer: str = "auto"  # W_s init + momentum: auto (the method's) | linear | deepcluster
     amp: bool = False  # bf16 autocast + channels_last, on CPU or CUDA (not in the paper)
     deterministic: bool = False  # torch.use_deterministic_algorithms: a resumed run ends identical
     ckpt_minutes: float = 10.0  # also write 04_train_last.pt every N minutes of training (0 = off)
@@ -111,9 +112,11 @@ def recipe(cfg):
     # DEVIATION(paper): below 128 px the smallest crop keeps 20% of the image, not 8%, because at
     # 32 px an 8% crop is a 9x9-pixel patch (README: the crop knob, measured on the curves).
     crop_min = cfg.crop_min or (0.08 if cfg.image_size >= 128 else 0.2)
+    top = {"auto": r, "linear": RECIPES["deepercluster"], "deepcluster": RECIPES["deepcluster"]}
+    top = top[cfg.top_layer]  # nn.Linear's init and momentum, or DeepCluster's top layer
     return dict(lr=cfg.lr or lr0 * cfg.batch_size / batch0, reassign=cfg.reassign or r["T"],
                 weight_decay=r["wd"] if cfg.weight_decay < 0 else cfg.weight_decay,
-                crop_min=crop_min, w_std=r["w_std"], head_momentum=r["head_momentum"])
+                crop_min=crop_min, w_std=top["w_std"], head_momentum=top["head_momentum"])
 
 
 def method_setup(cfg, source):
@@ -413,6 +416,7 @@ def check_flags(cfg):
                                     "world_size", "pca_dim", "momentum", "reassign",
                                     "ckpt_minutes", "pca_sample", "lr", "crop_min"),
                         choices={"method": m02.METHODS, "layout": ("replicated", "grouped"),
+                                 "top_layer": ("auto", "linear", "deepcluster"),
                                  "reset_super_head": ("auto", "always", "never")})
     if cfg.crop_min > 1:
         raise UserError(f"--crop_min {cfg.crop_min} must be in (0, 1] (0 = auto)")

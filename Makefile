@@ -31,11 +31,12 @@ data:
 test: venv data
 	$(VPY) -m pytest
 
-# The demo: every stage in order on Fashion-MNIST (a 20k subset, 32 px, VGG-16-BN at 1/4 width, 16 epochs).
+# The demo: every stage in order on Fashion-MNIST (a 20k subset, 32 px, VGG-16-BN at 1/4 width, 16 epochs,
+# DeeperCluster with its own recipe: lr 0.1 x 64/3072, T = 3, smallest crop 20%; 04_train.RECIPES).
 DEMO_DATA  ?= --data fashion-mnist --subset 20000 --image_size 32 --seed 0
 DEMO_MODEL ?= --width 0.25 --sobel
 DEMO_CLUST ?= --k 160 --super_clusters 4 --pca_dim 64
-DEMO_TRAIN ?= --epochs 16 --reassign 2 --batch_size 64 --lr 0.05 --crop_min 0.5 --workers 2
+DEMO_TRAIN ?= --epochs 16 --batch_size 64 --workers 2
 demo: venv data
 	$(VPY) 01_data.py --out_dir $(OUT) $(DEMO_DATA)
 	$(VPY) 02_model.py --out_dir $(OUT) --image_size 32 $(DEMO_MODEL) --super_classes 16 --k 160

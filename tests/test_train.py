@@ -101,6 +101,8 @@ def test_each_method_has_its_official_recipe():
     given = t4.recipe(t4.Config(method="deepcluster", lr=0.3, reassign=5, crop_min=0.5, weight_decay=0.0))
     assert (given["lr"], given["reassign"], given["crop_min"], given["weight_decay"]) == (0.3, 5, 0.5, 0.0)
     assert set(t4.RECIPES) == set(m02.METHODS)
+    swapped = t4.recipe(t4.Config(method="deepcluster", top_layer="linear"))  # the knob of the curves study
+    assert (swapped["w_std"], swapped["head_momentum"], swapped["lr"]) == (None, 0.9, dc["lr"])
 
 
 # ---- the uniform sampler, Eq. (14) ----
