@@ -2,9 +2,10 @@
 
 φ(x) (fc7 before ReLU, eval mode, center crop, no rotation) -> PCA-whitening, L2-normalisation ->
 Lloyd k-means at two levels with an explicit empty-cluster policy (faiss, if installed, speeds up
-the E-step on CPU). Under torchrun each rank extracts, whitens and clusters only its own shard
-of the images (§7). 04_train.py calls `cluster()` every T epochs; run alone, this file clusters
-with a saved trunk, at the trunk's own width, Sobel setting and input size.
+the E-step: faiss-cpu on CPU, faiss-gpu on the GPU). Under torchrun each rank extracts, whitens
+and clusters only its own shard of the images (§7). 04_train.py calls `cluster()` every T epochs;
+run alone, this file clusters with a saved trunk, at the trunk's own width, Sobel setting and
+input size.
 
 Paper:  PAPER.md §4 (Eq. (10)-(13)), §7 (sharded k-means), §9.3 Eq. (18), §11 pitfalls 1, 2, 6.
 Reads:  <out_dir>/02_model_init.pt (or --ckpt: any checkpoint support.interop.load_trunk reads),
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from support import common
 from support.common import UserError
 
-try:  # optional: the E-step speed-up on CPU (faiss-cpu); the torch E-step needs nothing
+try:  # optional: the E-step speed-up (faiss-cpu, or faiss-gpu: make gpu); torch needs nothing
     import faiss
 except ImportError:
     faiss = None
@@ -53,7 +54,7 @@ class Config:
     seed: int = 0  # seeds the k-means init, the empty-cluster donors and the PCA sample
     batch_size: int = 256  # images per forward pass during feature extraction
     workers: int = 0  # DataLoader worker processes for feature extraction
-    kmeans_backend: str = "auto"  # E-step: faiss, torch, or auto (faiss when importable)
+    kmeans_backend: str = "auto"  # E-step: faiss, torch, or auto (faiss when it runs there)
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
 
@@ -93,14 +94,17 @@ def check_pca(dim, d, n, warn=True):
 # Eq. (11)  g(φ) = h/‖h‖,  h = diag(λ_1..λ_D)^(-1/2) U_Dᵀ (φ − μ)
 def fit_pca(x, dim, warn=True):
     """Rows x (|P|, d) -> (mean (d,), proj (d, D)) float32, the whitening folded into proj."""
-    x = torch.as_tensor(x)
+    x = torch.as_tensor(x)  # on the device it comes on (03's cluster: the GPU, when there is one)
     n, d = x.shape
     check_pca(dim, d, n, warn)
     if dim == 0:
-        return torch.zeros(d), torch.eye(d)
-    x = x.double()  # float64: whitening divides by the small eigenvalues
-    mu = x.mean(0)  # (d,)
-    cov = (x - mu).T @ (x - mu) / n  # (d, d) Eq. (10)
+        return torch.zeros(d, device=x.device), torch.eye(d, device=x.device)
+    mu = x.sum(0, dtype=torch.float64) / n  # (d,) float64: whitening divides by small eigenvalues
+    cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for xb in x.split(max(1, CHUNK // d)):  # chunks of rows: no (|P|, d) float64 copy
+        xb = xb.double() - mu
+        cov += xb.T @ xb
+    cov /= n  # (d, d) Eq. (10)
     lam, U = (t.flip(-1) for t in torch.linalg.eigh(cov))  # eigh is ascending: λ descending
     lam = lam.clamp_min(max(1e-5 * lam[0].item(), 1e-30))  # Eq. (10); 1e-30: constant features
     proj = U[:, :dim] * lam[:dim].rsqrt()  # (d, D) = U_D diag(λ)^(-1/2), power 0.5
@@ -115,11 +119,11 @@ def apply_pca(x, mean, proj):
 
 # ---- §4.3 k-means (Lloyd), Eq. (12); each rank holds a shard x of the N points ----
 def _backend(name, device="cpu"):
-    """auto: faiss when importable and it can run where the features are (a faiss-gpu build sees the
-    GPU: faiss.get_num_gpus() > 0), else torch, whose E-step runs on the features' device."""
+    """auto: faiss when importable and it can run where the features are (on a GPU: a faiss-gpu
+    build with code for it, common.faiss_gpu_ok), else torch, whose E-step runs on their device."""
     on_gpu = torch.device(device).type == "cuda"
     if name == "auto":
-        usable = faiss is not None and (not on_gpu or faiss.get_num_gpus() > 0)
+        usable = faiss is not None and (not on_gpu or common.faiss_gpu_ok(faiss, device))
         return "faiss" if usable else "torch"
     if name not in ("faiss", "torch") or (name == "faiss" and faiss is None):
         raise UserError(f"--kmeans_backend {name}: use auto, torch or faiss (needs faiss-cpu or "
@@ -130,10 +134,11 @@ def _backend(name, device="cpu"):
 # Eq. (12) E-step: a_n = argmin_j ‖x_n − c_j‖² = argmin_j (‖c_j‖² − 2x_nᵀc_j)
 def _assign(x, c, backend):
     """-> (labels (n,) int64, squared distances (n,) float64) of this rank's points x (n, D)."""
+    if backend == "faiss" and x.is_cuda and common.faiss_gpu_ok(faiss, x.device):
+        d2, a = common.faiss_knn_gpu(x, c)  # faiss-gpu, on the shard's GPU: exact, no host copy
+        return a, d2.double().clamp_min(0)
     if backend == "faiss":  # exact search: the same quantity as the torch branch
         index = faiss.IndexFlatL2(c.shape[1])
-        if x.is_cuda and faiss.get_num_gpus() > 0:  # faiss-gpu: the search runs on that GPU
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), x.device.index or 0, index)
         index.add(np.ascontiguousarray(c.cpu().numpy()))
         d2, a = index.search(np.ascontiguousarray(x.cpu().numpy()), 1)  # (n, 1) each
         d2, a = (torch.from_numpy(t[:, 0]).to(x.device) for t in (d2, a))
@@ -334,21 +339,23 @@ def cluster(model, source, cfg, device, prev=None, epoch=None, m=None, level2_fn
     phi = extract_features(net, views, batch, device, cfg.workers)  # (n_r, d) rows lo..hi-1
     t1 = time.time()
     # DIST: P is gathered once (each rank sends the rows of P it holds: in rank order, P's order);
-    # rank 0 fits the PCA and broadcasts it (eigenvector signs could differ between ranks)
+    # rank 0 fits the PCA on `device` and broadcasts it (eigenvector signs could differ by rank)
     mine = torch.from_numpy(rows[(rows >= lo) & (rows < hi)] - lo)
-    sample = common.all_gather_cat(phi[mine].to(device)).cpu()  # (|P|, d); nccl: on `device`
-    mean, proj = torch.zeros(d), torch.zeros(d, cfg.pca_dim or d)
+    sample = common.all_gather_cat(phi[mine].to(device))  # (|P|, d); nccl: on `device`
+    mean, proj = torch.zeros(d, device=device), torch.zeros(d, cfg.pca_dim or d, device=device)
     if common.is_main():
         mean, proj = fit_pca(sample, cfg.pca_dim, warn=False)
     del sample
-    mean, proj = (common.broadcast(t.to(device)) for t in (mean, proj))
+    mean, proj = (common.broadcast(t) for t in (mean, proj))
     x = torch.empty(len(phi), proj.shape[1], device=device)  # (n_r, D) the whitened shard
     b = max(1, CHUNK // d)
-    for i in range(0, len(phi), b):  # on `device`, in chunks of rows
-        x[i:i + b] = apply_pca(phi[i:i + b].to(device), mean, proj)  # Eq. (11)
-    del phi
     seed = cfg.seed if epoch is None else cfg.seed + epoch
-    res = two_level(x, cfg.k, m, cfg.niter, seed, cfg.kmeans_backend, level2_fn)
+    with common.full_fp32():  # distances in fp32 even where training uses TF32 (fast_cuda)
+        for i in range(0, len(phi), b):  # on `device`, in chunks of rows
+            x[i:i + b] = apply_pca(phi[i:i + b].to(device), mean, proj)  # Eq. (11)
+        del phi
+        res = two_level(x, cfg.k, m, cfg.niter, seed, cfg.kmeans_backend, level2_fn)
+    common.faiss_release()  # faiss-gpu's scratch memory: one per round, freed for training
     res |= {key: common.all_gather_cat(res[key]).cpu() for key in ("super", "sub")}  # DIST: (N,)
     res |= {key: res[key].cpu() for key in ("centroids_super", "centroids_sub")}
     res |= dict(pca_mean=mean.cpu(), pca_proj=proj.cpu())

@@ -88,19 +88,16 @@ class Config:
 # SGD's update is a mean over the batch, so the per-sample step stays the official one).
 # T: re-clustering period in epochs. wd: weight decay. w_std / head_momentum: the sub-class head
 # W_s's init (None = nn.Linear's default) and its SGD momentum.
-RECIPES = {
-    # DeeperCluster main.sh: 0.1 at 48 x 64 = 3072, T = 3, default nn.Linear heads, momentum 0.9
-    "deepercluster": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9),
-    # DeepCluster main.py: 0.05 at 256, T = 1; its top layer is re-created at every clustering
-    # with N(0, 0.01) weights and zero bias and gets its own SGD without momentum
-    "deepcluster": dict(lr=(0.05, 256), T=1, wd=1e-5, w_std=0.01, head_momentum=0.0),
-    # DeeperCluster's two-level clustering without rotation: DeeperCluster's recipe
-    "deepcluster-2level": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9),
-    # RotNet (FeatureLearningRotNet, CIFAR): 0.1 at 128, weight decay 5e-4; no clustering
-    "rotnet": dict(lr=(0.1, 128), T=1, wd=5e-4, w_std=None, head_momentum=0.9),
-    # the labelled baseline: the usual ImageNet recipe for BN convnets, 0.1 at 256, wd 1e-4
-    "supervised": dict(lr=(0.1, 256), T=1, wd=1e-4, w_std=None, head_momentum=0.9),
-}
+# DeeperCluster (main.sh): 0.1 at 48 x 64 = 3072, T = 3, nn.Linear heads with momentum 0.9;
+# deepcluster-2level (its clustering without rotation) keeps it. DeepCluster (main.py): 0.05 at
+# 256, T = 1, its top layer re-created at every clustering with N(0, 0.01) weights, zero bias and
+# an SGD without momentum. RotNet (FeatureLearningRotNet, CIFAR): 0.1 at 128, weight decay 5e-4.
+# supervised, the labelled baseline: the usual ImageNet recipe for BN convnets, 0.1 at 256, 1e-4.
+RECIPES = {"deepercluster": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9),
+           "deepcluster": dict(lr=(0.05, 256), T=1, wd=1e-5, w_std=0.01, head_momentum=0.0),
+           "rotnet": dict(lr=(0.1, 128), T=1, wd=5e-4, w_std=None, head_momentum=0.9),
+           "supervised": dict(lr=(0.1, 256), T=1, wd=1e-4, w_std=None, head_momentum=0.9)}
+RECIPES["deepcluster-2level"] = RECIPES["deepercluster"]
 RECIPE_KEYS = ("lr", "reassign", "weight_decay", "crop_min", "w_std", "head_momentum")
 
 
@@ -239,11 +236,10 @@ class Replicated:
     def batches(self, plan_s, start):  # this rank's plan positions, one list per iteration
         return parallel.rank_batches(len(plan_s), self.batch_size, self.rank, self.world, start)
 
-    def head_states(self, heads, opt, path):  # what a checkpoint holds
-        return heads.state_dict(), opt.state_dict()
+    def head_states(self, heads, opt, path):  # what a checkpoint holds; after it is written,
+        return heads.state_dict(), opt.state_dict()  # saved() has nothing to tidy
 
-    def saved(self, path, head_sd):  # after rank 0 wrote a checkpoint: nothing to tidy
-        pass
+    def saved(self, path, head_sd): pass  # noqa: E704
 
     def load_heads(self, heads, opt, ck, path):
         if "sharded" in ck["heads"]:  # written by --layout grouped: its files assemble the rows
@@ -313,7 +309,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
         common.log(f"resuming {last}: epoch {epoch}, iteration {it}")
 
     def checkpoint(path, x=None):  # all ranks: exact resume, never diverged weights (x: finite?)
-        if not resume.healthy([trunk, heads], trunk, x):
+        if not resume.healthy([trunk, heads], device, trunk, x):
             raise FloatingPointError("non-finite weights or outputs after the last update")
         head_sd, head_osd = layout.head_states(heads, opts[1], path)
         idx, rot = plan or (torch.zeros(0, dtype=torch.long),) * 2

@@ -18,8 +18,7 @@ Run:    python 05_eval.py --out_dir out/demo                       # random init
         python 05_eval.py --ckpt dc.pth --voc voc2007:VOCdevkit/VOC2007 --voc_mode both
         (one process: at small scale every evaluation here is cheap next to training)
 Uses:   01_data.train_transform / rng_for / ClusterDataset, 02_model.VGG.conv_outputs /
-        method_shape; support/evalio.py (flags, checkpoints,
-        labelled crops, tables, figures: the plumbing a first reader skips).
+        method_shape; support/evalio.py (flags, checkpoints, labelled crops, tables, figures).
 """
 import copy
 import importlib
@@ -74,7 +73,7 @@ class Config:
     voc_image_size: int = 0  # crop size, 0 or >= 32; 0 = the checkpoint's image_size (paper: 224)
     voc_crops: int = 10  # random crops whose logits are summed at test (paper: 10)
     batch_size: int = 256  # feature-extraction batch
-    workers: int = 0  # DataLoader workers
+    workers: int = 0  # DataLoader worker processes (0 = in the main process)
     seed: int = 0  # subsets, shuffles, crops, head init
     device: str = "auto"  # auto = cuda when present
 
@@ -110,11 +109,11 @@ def pooled(model, x, layers):
 
 @torch.no_grad()
 def extract(model, batches, layers, device):
-    """{layer: (N, D) float32 CPU} over (x, _) batches; eval mode (BN running stats, no dropout)."""
+    """{layer: (N, D) float32 on device} of (x, _) batches in eval mode (BN's running stats)."""
     outs = {l: [] for l in layers}
     for x, _ in tqdm(batches, desc=f"features {layers}", leave=False, disable=None):
-        for l, f in pooled(model.eval(), x.to(device), layers).items():
-            outs[l].append(f.float().cpu())
+        for l, f in pooled(model.eval(), x.to(device, non_blocking=True), layers).items():
+            outs[l].append(f.float())
     return {l: torch.cat(v) for l, v in outs.items()}
 
 
@@ -124,11 +123,11 @@ def bottou_lr(lr0, wd, t):
 
 
 def train_probe(epoch_batches, dim, n_classes, x_test, y_test, epochs, lr0, wd, standardize=True):
-    """One linear layer on frozen features; epoch_batches(e) yields (x (B, dim), y (B,)). Top-1."""
+    """One linear layer on frozen features, on their device; epoch_batches(e) yields (x, y)."""
     # DEVIATION(paper): inputs standardised by a BN without affine (train running mean/std), because
     # raw ReLU activations differ in scale by orders of magnitude between layers: one lr0 fits all.
     probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False) if standardize else nn.Identity(),
-                          nn.Linear(dim, n_classes))
+                          nn.Linear(dim, n_classes)).to(x_test.device)
     nn.init.zeros_(probe[1].weight)  # a convex problem: start at 0, no RNG needed
     nn.init.zeros_(probe[1].bias)
     opt = torch.optim.SGD(probe.parameters(), lr=lr0, momentum=0.9, weight_decay=wd)
@@ -182,15 +181,15 @@ def run_probe(model, layer, x_tr, y_tr, x_te, y_te, n_classes, cfg, device, sour
             for x, y in torch.utils.data.DataLoader(view, cfg.probe_batch, shuffle=True,
                                                     num_workers=cfg.workers, generator=seeded(e)):
                 with torch.no_grad():  # (yield outside: the caller's backward needs grad mode)
-                    f = pooled(model.eval(), x.to(device), [layer])[layer].cpu()
-                yield relu(f), y
+                    f = pooled(model.eval(), x.to(device), [layer])[layer]
+                yield relu(f), y.to(device)
     else:  # DEVIATION(paper): center-crop features cached for all epochs, because CPU
         x_tr = relu(x_tr)
         def epoch_batches(e):
             for idx in torch.randperm(len(y_tr), generator=seeded(e)).split(cfg.probe_batch):
                 yield x_tr[idx], y_tr[idx]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads cost more than they save (4-8x, busy 2-core CPU)
+    torch.set_num_threads(1)  # CPU: tiny ops, threads cost more than they save (4-8x, busy 2 cores)
     r = train_probe(epoch_batches, x_te.shape[1], n_classes, relu(x_te), y_te, cfg.probe_epochs,
                     cfg.probe_lr, cfg.probe_wd, cfg.probe_standardize)
     torch.set_num_threads(threads)
@@ -207,7 +206,7 @@ def knn_predict(bank, bank_y, query, n_classes, ks=(20, 200), tau=0.07, chunk=10
         sim, idx = (q @ bank.T).topk(kmax, dim=1)  # (b, N) -> (b, kmax), most similar first
         w, y = (sim / tau).exp(), bank_y[idx]  # (b, kmax) vote weights and neighbour labels
         for k in ks:
-            votes = torch.zeros(len(q), n_classes).scatter_add_(1, y[:, :k], w[:, :k])  # (b, C)
+            votes = q.new_zeros(len(q), n_classes).scatter_add_(1, y[:, :k], w[:, :k])  # (b, C)
             preds[k].append(votes.argmax(1))
     return {k: torch.cat(v) for k, v in preds.items()}
 
@@ -319,12 +318,10 @@ def voc_transfer(model, root, mode, cfg, device):
 
 
 # ---- main: every checkpoint -> probes and kNN, clusters vs labels, VOC07 -> evalio.py ----
-
-
 def feature_evals(model, ins, layers, knn_layers, ks, cfg, device):
-    """§9.1 probes on every layer and §9.3 kNN on each knn layer, for one trunk, from cached
-    features. -> (probes, {knn layer: {k: accuracy}})."""
-    y_tr, y_te = ins["y_tr"], ins["y_te"]
+    """§9.1 probes on every layer and §9.3 kNN on each knn layer, for one trunk, from features
+    cached on `device`. -> (probes, {knn layer: {k: accuracy}})."""
+    y_tr, y_te = ins["y_tr"].to(device), ins["y_te"].to(device)
     n_classes = int(max(y_tr.max(), y_te.max())) + 1
     x0 = torch.zeros(1, 3, model.image_size, model.image_size, device=device)
     with torch.no_grad():
@@ -357,7 +354,7 @@ def cluster_evals(model, meta, spec, png, cfg, device):
     if len(flat) != len(src):
         return {"skipped": f"{len(flat)} assignments, {len(src)} images in {src.spec}"}
     if png:  # the figure: members nearest each cluster's mean phi
-        phi = lambda x: extract(model, [(x, None)], ["fc7"], device)["fc7"]  # (n, 3, S, S)->(n, d)
+        phi = lambda x: extract(model, [(x, None)], ["fc7"], device)["fc7"].cpu()  # (n, d)
         evalio.cluster_grid(src, data.ClusterDataset(src, model.image_size), flat, png,
                             cfg.clusters_grid, phi, seed=cfg.seed)
     if src.labels is None:
@@ -368,7 +365,7 @@ def cluster_evals(model, meta, spec, png, cfg, device):
 def main(cfg):
     common.log(f"05_eval config: {asdict(cfg)}")
     layers, knn_layers, ks, voc_root = evalio.check_flags(cfg, VOC_TEST_SPLIT)
-    device = common.pick_device(cfg.device)
+    device = common.init_dist(cfg.device)[2]  # one process; on CUDA: TF32, cuDNN's autotuner
     paths, loaded, spec = evalio.load_checkpoints(cfg)  # all checked before any work
     png = f"{cfg.out_dir}/05_eval_clusters.png" if cfg.clusters_grid else None
     modes = ["fc6-8", "all"] if cfg.voc_mode == "both" else [cfg.voc_mode]
@@ -380,7 +377,7 @@ def main(cfg):
              "arch": model.arch(), "data": spec}
         if model.image_size not in inputs:
             inputs[model.image_size] = evalio.labelled_inputs(spec, model.image_size, cfg,
-                                                              data.ClusterDataset)
+                                                              data.ClusterDataset, device)
         if inputs[model.image_size]:  # §9.1, §9.3
             ins = inputs[model.image_size]
             r["probe"], knn = feature_evals(model, ins, layers, knn_layers, ks, cfg, device)

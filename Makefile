@@ -51,15 +51,32 @@ bench: venv data
 reproduce: venv data
 	$(VPY) scripts/reproduce.py --data fashion-mnist --jobs 2
 
-# GPU machines: swap the pinned faiss-cpu for the CUDA faiss wheel in .venv, so that 03_kmeans's
-# E-step (--kmeans_backend auto/faiss) and faiss.Kmeans run on the GPU. Needs internet (PyPI) and a
-# CUDA machine with an NVIDIA driver for CUDA 12; never keep both wheels (they share one package
-# folder). `make venv` puts faiss-cpu back only when requirements.txt changes. Then run
-# `bash bench/gpu_check.sh`. FAISS_GPU=... picks another wheel (e.g. faiss-gpu-cu13-cuvs).
-FAISS_GPU ?= faiss-gpu-cu12
+# GPU machines: swap the pinned faiss-cpu for Meta's faiss-gpu wheel of the same version in .venv,
+# so that 03_kmeans's E-step (--kmeans_backend auto/faiss) runs on the GPU. faiss-gpu 1.15.1 (PyPI,
+# CUDA 12: it pulls nvidia-cuda-runtime-cu12 and nvidia-cublas-cu12 >= 12.6, which live beside the
+# pinned torch's CUDA 13 libraries; any driver that runs torch runs it) carries GPU code (SASS) for
+# compute capability 7.0, 7.5, 8.0, 8.6, 8.9 and 9.0, and PTX for 9.0 (cuobjdump --list-elf and
+# --list-ptx on its libfaiss.so): V100 to H100/H200. faiss-gpu-cu12 1.14.1 stops at 8.9, so every
+# faiss call fails on an H100. The wheels are downloaded first (offline that step fails and changes
+# nothing), then faiss-cpu is removed (both wheels own the one faiss package folder), and put back
+# from the same folder if the install fails. `make venv` puts faiss-cpu back only when
+# requirements.txt changes. Then run `bash bench/gpu_check.sh`. FAISS_GPU=... picks another wheel.
+FAISS_VERSION := $(shell sed -n 's/^faiss-cpu==//p' requirements.txt)
+FAISS_GPU ?= faiss-gpu==$(FAISS_VERSION)
+FAISS_WHEELS ?= $(VENV)/wheels
 gpu: venv
-	$(VENV)/bin/pip uninstall -y faiss-cpu && $(VENV)/bin/pip install $(FAISS_GPU)
-	$(VPY) -c "import faiss; print('faiss', faiss.__version__, 'sees', faiss.get_num_gpus(), 'GPU(s)')"
+	@set -e; pip="$(VENV)/bin/pip"; \
+	echo "== downloading $(FAISS_GPU) and its CUDA 12 libraries into $(FAISS_WHEELS)"; \
+	$$pip download -q -d $(FAISS_WHEELS) "$(FAISS_GPU)" "faiss-cpu==$(FAISS_VERSION)" || \
+	  { echo "== download failed (offline?): nothing changed, faiss-cpu stays"; exit 1; }; \
+	$$pip uninstall -y -q faiss-cpu; \
+	if ! $$pip install -q --no-index --find-links $(FAISS_WHEELS) "$(FAISS_GPU)"; then \
+	  echo "== $(FAISS_GPU) did not install: putting faiss-cpu $(FAISS_VERSION) back"; \
+	  $$pip install -q --no-index --find-links $(FAISS_WHEELS) "faiss-cpu==$(FAISS_VERSION)"; \
+	  exit 1; fi
+	$(VPY) -c "import faiss, torch; from support import common; \
+	  ok = torch.cuda.is_available() and common.faiss_gpu_ok(faiss, 'cuda:0'); \
+	  print('faiss', faiss.__version__, 'sees', faiss.get_num_gpus(), 'GPU(s); runs on cuda:0:', ok)"
 
 clean:
 	rm -rf out .pytest_cache

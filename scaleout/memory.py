@@ -10,15 +10,17 @@ and retries when an allocation fails. print_plan(cfg) prints the table for 04_tr
 (`--plan`). The clustering round is counted for two versions of the code:
   today    03_kmeans.cluster and grouped.level2_in_groups as written (sharded clustering): each rank
            extracts only its shard n = N_img/N (fc7 n x d on the host, filled in place), the PCA
-           sample P (pca_sample rows) is all-gathered once and fitted on rank 0, each rank whitens
-           its shard on the device in chunks of rows, k-means sums and E-steps in chunks of rows,
-           and the grouped layout moves to each rank only its share of one super-cluster
-           (all_to_all, one super-cluster's rows sent per round);
+           sample P (pca_sample rows) is all-gathered once and fitted on rank 0's device, each
+           rank whitens its shard on the device, k-means sums and E-steps go in chunks of rows,
+           and the grouped layout moves to each rank only its share of one super-cluster;
   before   the code before sharded clustering, for the record: every rank gathered all N x d
            features, fitted the PCA on all N rows (04 had no --pca_sample), extracted at 04's
            global batch, copied x to float64 in the M-step, and the grouped layout gathered N x D.
-tests/test_memory.py checks the counts against torch (parameters, saved tensors) and the training
-step, the extraction forward and 03_kmeans.kmeans against peak memory measured on CPU.
+Margins on CUDA for what no row counts: the allocator's reserve (RESERVE of every device instant:
+the peaks compare with torch.cuda.max_memory_reserved), NCCL's buffers (COMM_BYTES a communicator)
+and the CUDA context with the cuBLAS/cuDNN workspaces (overhead). tests/test_memory.py checks the
+counts against torch (parameters, saved tensors) and the training step, the extraction forward and
+03_kmeans.kmeans against peak memory measured on CPU; bench/gpu_check.sh, on a GPU.
 
 Run:    python 04_train.py --plan ...   (04 calls print_plan(cfg))
         python -m scaleout.memory      (the paper's and DeepCluster's settings)
@@ -35,6 +37,8 @@ GB = 1e9  # decimal gigabytes
 CFG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 CHUNK = 2 ** 24  # 03_kmeans.CHUNK: values per temporary in its loops over chunks of rows
 FAISS_TEMP = 1.5e9  # faiss-gpu's StandardGpuResources scratch memory on a large GPU (approx.)
+RESERVE = 0.05  # CUDA caching allocator: reserved above allocated (rounding, split segments; est.)
+COMM_BYTES = 0.3e9  # one NCCL communicator's buffers (channels x peers x NCCL_BUFFSIZE; estimate)
 
 
 def channels(c, width):
@@ -104,21 +108,24 @@ def kmeans_bytes(n, D, k, backend, chunked=True):
     """-> (E-step bytes, M-step bytes) of one kmeans() call beyond its input x (n, D) fp32.
     E-step, torch: a chunk of b = 2^24/max(k, D) rows gives the (b, k) distances, then (freed) the
     (b, D) square x*x; the labels and distances of all n (int64 + float64), twice while
-    concatenated. E-step, faiss-gpu: the index's centroids and faiss's scratch memory (its queries
-    are copied to the host). M-step: x.double() of a chunk of 2^24/D rows in _sums_counts, beside
+    concatenated. E-step, faiss-gpu: faiss's scratch memory (outside torch's allocator; x and c are
+    searched where they are) and its (n, 1) distances and labels, the distances then in float64
+    (20 bytes a row). M-step: x.double() of a chunk of 2^24/D rows in _sums_counts, beside
     the (k, D+1) float64 sums; the update c[full] = (sums[full] / counts).float() makes two (k, D)
     float64 temporaries and a float32 one. Both steps keep the centroids c (k, D) and the last
-    E-step's labels and distances. The init (_rows: a (k, D) float64) and the empty-cluster fixes
-    are smaller and not counted. chunked=False: the code before issue 15 (E-step chunks of 2^24/k
-    rows, x.double() of all n rows)."""
+    E-step's labels and distances. The init (_rows, at most all k rows held locally): the gathered
+    rows (fp32 and float64), the all-reduced (k, D) float64 and its fp32 copy, 24 bytes a value;
+    it is counted with the M-step. The empty-cluster fixes are smaller and not counted.
+    chunked=False: the code before issue 15 (E-step chunks of 2^24/k rows, x.double() of all n
+    rows)."""
     b = min(n, max(1, CHUNK // k), max(1, CHUNK // D) if chunked else n)
     keep = k * D * 4 + n * 16  # centroids, labels + distances
     if backend == "faiss":
-        e_step = k * D * 4 + FAISS_TEMP + n * 16
+        e_step = FAISS_TEMP + n * 20
     else:
         e_step = max(b * k, b * D) * 4 + 2 * n * 16  # the two chunks are not alive together
     x64 = min(n, max(1, CHUNK // D)) * D * 8 if chunked else n * D * 8
-    m_step = k * (D + 1) * 8 + max(x64, k * D * 20)
+    m_step = max(k * (D + 1) * 8 + max(x64, k * D * 20), k * D * 24 + k * 9)  # or the init
     return keep + e_step, keep + m_step
 
 
@@ -126,7 +133,7 @@ def kmeans_bytes(n, D, k, backend, chunked=True):
 def plan(image_size=224, width=1.0, fc_dim=0, sobel=True, batch=48, S=16, m=4, k=320000,
          layout="grouped", world=64, n_images=95_900_000, pca_dim=4096, amp=True,
          clustering="today", extract_batch=0, pca_sample=0, backend="torch", device="cuda",
-         overhead=None):
+         overhead=None, reserve=None):
     """Bytes per rank -> dict(settings, rows [dict(key, label, where, phase, bytes)], bytes
     {key: bytes}, instants {name: bytes}, train_peak, cluster_peak, device_peak, host_peak).
     batch: B per rank; k_s = k/m; pca_dim 0 = no PCA (D = d); clustering: "today" or "before"
@@ -134,7 +141,8 @@ def plan(image_size=224, width=1.0, fc_dim=0, sobel=True, batch=48, S=16, m=4, k
     --batch_size / N; before: batch * world); pca_sample: rows of the PCA fit (0: 100,000, the
     default of 03's and 04's --pca_sample; before: all N); device "cpu": the CPU run the test
     measures (every row then lives in host memory); overhead: the CUDA context and cuBLAS/cuDNN
-    workspaces (not tensors; default 1 GB on cuda, a rough figure, not measured here)."""
+    workspaces (not tensors; default 1 GB on cuda, a rough figure, not measured here); reserve:
+    the allocator's margin on every device instant (default RESERVE on cuda, 0 on cpu)."""
     if layout not in ("replicated", "grouped") or clustering not in ("today", "before"):
         raise ValueError(f"layout {layout!r} / clustering {clustering!r}")
     if k % m or (layout == "grouped" and world % S):
@@ -150,6 +158,7 @@ def plan(image_size=224, width=1.0, fc_dim=0, sobel=True, batch=48, S=16, m=4, k
     # the PCA sample P: --pca_sample rows (before: 04 had no --pca_sample, so all N)
     n_fit = min(N, pca_sample or (100_000 if today else N))
     overhead = (1e9 if device == "cuda" else 0) if overhead is None else overhead
+    reserve = (RESERVE if device == "cuda" else 0) if reserve is None else reserve
     rows = []
 
     def row(key, label, where, phase, nbytes):
@@ -171,6 +180,11 @@ def plan(image_size=224, width=1.0, fc_dim=0, sobel=True, batch=48, S=16, m=4, k
     row("ddp", "DDP gradient buckets (a flat copy of the grads)", "device", "resident", ddp)
     row("overhead", "CUDA context, cuBLAS/cuDNN workspaces (estimate)", "device", "resident",
         overhead)
+    # NCCL's buffers, per communicator this rank joins: all ranks (DDP, k-means, SyncBN); grouped:
+    # also its training group, its clustering group and the group leaders (shards.py)
+    n_comm = (4 if layout == "grouped" else 1) if world > 1 and device == "cuda" else 0
+    row("comm", f"NCCL communicator buffers ({n_comm} x estimate)", "device", "resident",
+        n_comm * COMM_BYTES)
     # -- training step (04_train.train_step, m02.hierarchical_loss) at B per rank
     rows_b = min(S_local, batch)  # W_t blocks present in a batch (B_t > 0)
     row("batch", "the input batch (B, 3, S, S) fp32", "device", "train",
@@ -203,10 +217,15 @@ def plan(image_size=224, width=1.0, fc_dim=0, sobel=True, batch=48, S=16, m=4, k
         (n if today else N) * d * 4)
     row("batches_host", "extraction: the list of batch outputs (before only)", "host", "cluster",
         0 if today else n * d * 4)
-    # fit_pca on rank 0: P (fp32, gathered; before: a sampled copy when |P| < N), .double(), two
-    # (x - mu) float64 temporaries, then ~5 d x d float64 (cov, eigh's U and workspace, the flips)
-    pca = n_fit * d * ((4 if today or n_fit < N else 0) + 24) + 5 * d * d * 8 if pca_dim else 0
-    row("pca_fit", "PCA fit on rank 0: P + float64 copies", "host", "cluster", pca)
+    # fit_pca on rank 0. Today on the device, beside the gathered P: a chunk of 2^24/d rows in
+    # float64 twice (.double(), minus mu), then ~5 d x d float64 (cov, eigh's U and workspace, the
+    # flips). Before on the host: P (a sampled copy when |P| < N), .double(), two (x - mu) float64
+    b_fit = min(n_fit, max(1, CHUNK // d))
+    pca = (n_fit * d * 4 + 2 * b_fit * d * 8 + 5 * d * d * 8) if pca_dim and today else 0
+    row("pca_fit", "PCA fit on rank 0: P + float64 chunk + d x d", "device", "cluster", pca)
+    pca = n_fit * d * ((4 if n_fit < N else 0) + 24) + 5 * d * d * 8 if pca_dim else 0
+    row("pca_host", "PCA fit on rank 0 on the host (before only)", "host", "cluster",
+        0 if today else pca)
     # whitening, Eq. (11): today on the device in chunks of 2^24/d rows (the chunk, minus the
     # mean, h, and h/|h|); before on the host, whole shard at once
     b = min(n, max(1, CHUNK // d))
@@ -242,7 +261,7 @@ def plan(image_size=224, width=1.0, fc_dim=0, sobel=True, batch=48, S=16, m=4, k
         return sum(rows_by[key] for key in keys)
 
     resident = ("trunk", "trunk_grad", "trunk_mom", "heads", "heads_grad", "heads_mom", "ddp",
-                "overhead")
+                "overhead", "comm")
     no_grads = tuple(key for key in resident if not key.endswith("_grad"))
     instants = {
         "train: forward end": at(*resident, "batch", "act", "casts", "logits"),
@@ -251,6 +270,7 @@ def plan(image_size=224, width=1.0, fc_dim=0, sobel=True, batch=48, S=16, m=4, k
         "train: after backward": at(*resident, "batch", "flat"),
         "cluster: extraction": at(*resident, "extract"),
         "cluster: PCA sample gather": at(*resident, "gather"),
+        "cluster: PCA fit (rank 0)": at(*resident, "pca_fit"),
         "cluster: whitening": at(*resident, "whiten", "shard"),
         "cluster: k-means level 1": at(*resident, "shard", "km1"),
         "cluster: level-2 exchange": at(*resident, "shard", "l2_share", "l2_send"),
@@ -259,13 +279,16 @@ def plan(image_size=224, width=1.0, fc_dim=0, sobel=True, batch=48, S=16, m=4, k
         + (0 if today else rows_by["l2_send"]),
         "cluster: label gather": at(*resident, "shard", "labels"),
     }
-    host = at("phi_host") + max(at("batches_host"), at("pca_fit"), at("whiten_host"))
+    # the allocator's reserve on every device instant (overhead and comm are not torch's: a
+    # margin on them too keeps the arithmetic simple and errs high)
+    instants = {name: int(v * (1 + reserve)) for name, v in instants.items()}
+    host = at("phi_host") + max(at("batches_host"), at("pca_host"), at("whiten_host"))
     train_peak = max(v for name, v in instants.items() if name.startswith("train"))
     cluster_peak = max(v for name, v in instants.items() if name.startswith("cluster"))
     settings = dict(design=clustering, image_size=image_size, width=width, d=d, sobel=sobel,
                     batch=batch, S=S, m=m, k=k, k_s=k_s, layout=layout, world=world, n_images=N,
                     shard=n, pca_dim=D, amp=amp, clustering=clustering, extract_batch=Bx,
-                    pca_sample=n_fit, backend=backend, device=device)
+                    pca_sample=n_fit, backend=backend, device=device, reserve=reserve)
     return dict(settings=settings, rows=rows, bytes=rows_by, instants=instants,
                 train_peak=train_peak, cluster_peak=cluster_peak,
                 device_peak=max(train_peak, cluster_peak), host_peak=host)

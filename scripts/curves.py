@@ -1,19 +1,20 @@
 """Learning curves: accuracy against images seen, per method, random init as a reference line.
 
-Paper:  PAPER.md §8 ("at small scale it takes time": the one published DeepCluster curve), §9.1, §9.3.
+Paper:  PAPER.md §8 ("at small scale it takes time": the one published DeepCluster curve), §9.
 Reads:  nothing; runs the numbered stages as subprocesses, exactly as a user would type them.
-Writes: <results>/runs/<run>/...            02's init, 04's log and 04_train_last.pt (to extend the run),
-                                            eval_seen<N>/05_eval.json: the evaluation of 04_train_seen<N>.pt
-        <results>/curves.md, curves.json     one row per (run kind, images seen): mean ± std over seeds
-        <results>/curves.png                 the curves, images seen on a log axis
+Writes: <results>/runs/<run>/...     02's init, 04's log, 04_train_last.pt (to extend the run),
+                                     eval_seen<N>/05_eval.json (the evaluation at N images seen)
+        <results>/curves.md, .json   one row per (run, images seen): mean ± std over seeds
+        <results>/curves.png         the curves, images seen on a log axis
 Run:    python scripts/curves.py --data folder:data/tiny-imagenet --max_seen 1000000 --seeds 0 1 2
         python scripts/curves.py --data folder:data/tiny-imagenet --max_seen 4000000 --seeds 0
-        python scripts/curves.py --data folder:data/tiny-imagenet --knobs deepercluster:lr=--lr=0.0125
-A run trains to --max_seen images (04 resumes from its last checkpoint, so a later call with a larger
---max_seen extends the same run) and keeps 04_train_seen<N>.pt at each --points value on the way; each
-kept checkpoint is evaluated once (cheap protocol below) and then deleted. Kill and restart at will.
-The evaluation: kNN@20/200 on fc7 and on --knn_mid over the whole labelled training set; linear probes
-on --probe_layers over the same images (the mean of the conv layers below conv13 is the "mid" column).
+        python scripts/curves.py --methods --knobs deepercluster:lr0.0125=--lr=0.0125
+A run trains to --max_seen images (04 resumes from its last checkpoint, so a later call with a
+larger --max_seen extends the same run) and keeps 04_train_seen<N>.pt at each --points value on the
+way; each kept checkpoint is evaluated once, then deleted. Kill and restart at will; it runs what
+it is asked (--methods, --seeds, --knobs) and no more. The evaluation: kNN@20/200 on fc7 and on
+--knn_mid over the whole labelled training set; linear probes on --probe_layers over the same
+images ("probe mid": the mean over the probed conv layers below conv13).
 """
 import argparse
 import json
@@ -34,12 +35,12 @@ from support import common  # noqa: E402  (atomic writes)
 PY = sys.executable
 METHODS = ("random", "rotnet", "deepcluster", "deepercluster", "supervised")
 # The settings every run of a results folder shares (settings.json): one budget, one protocol.
-SHARED = ["data", "image_size", "width", "batch_size", "epoch_size", "k", "m", "pca_dim", "model_flags",
-          "train_flags", "probe_layers", "knn_mid", "probe_epochs"]
+SHARED = ["data", "image_size", "width", "batch_size", "epoch_size", "k", "m", "pca_dim",
+          "model_flags", "train_flags", "probe_layers", "knn_mid", "probe_epochs"]
 
 
 def parse_knob(text):
-    """'deepercluster:lr=--lr=0.0125 --crop_min=0.5' -> (method, name, [flags]): one knob run of a method."""
+    """'deepercluster:lr=--lr=0.0125 --crop_min=0.5' -> (method, name, [flags]): a knob run."""
     try:
         method, rest = text.split(":", 1)
         name, flags = rest.split("=", 1)
@@ -47,7 +48,8 @@ def parse_knob(text):
         raise argparse.ArgumentTypeError(f"--knobs {text!r}: use METHOD:NAME=FLAGS, e.g. "
                                          f"deepercluster:lr=--lr=0.0125") from None
     if method not in METHODS[1:] or not name.replace("_", "").replace(".", "").isalnum():
-        raise argparse.ArgumentTypeError(f"--knobs {text!r}: METHOD in {METHODS[1:]}, NAME letters/digits")
+        raise argparse.ArgumentTypeError(f"--knobs {text!r}: METHOD in {METHODS[1:]}, NAME of "
+                                         f"letters, digits, '.' and '_'")
     return method, name, [f for x in shlex.split(flags) for f in x.split("=", 1)]
 
 
@@ -73,9 +75,9 @@ def one_run(a, method, seed, knob=None, flags=()):
     os.makedirs(d, exist_ok=True)
     log, t = os.path.join(d, "stdout.log"), a.threads
     init = os.path.join(d, "02_model_init.pt")
-    if not os.path.exists(init) and not os.path.exists(os.path.join(d, "eval_seen0", "05_eval.json")):
-        sh([PY, "02_model.py", "--out_dir", d, "--width", str(a.width), "--image_size", str(a.image_size),
-            "--seed", str(seed)] + a.model_flags, log, t)
+    if not os.path.exists(init) and not os.path.exists(f"{d}/eval_seen0/05_eval.json"):
+        sh([PY, "02_model.py", "--out_dir", d, "--width", str(a.width), "--image_size",
+            str(a.image_size), "--seed", str(seed)] + a.model_flags, log, t)
     points = [p for p in a.points if p <= a.max_seen]
     if method == "random":
         todo = [(0, init)]
@@ -84,21 +86,22 @@ def one_run(a, method, seed, knob=None, flags=()):
         done = os.path.join(d, "04_train_log.jsonl")
         trained = len(open(done).read().splitlines()) if os.path.exists(done) else 0
         if trained < epochs:  # 04 resumes from 04_train_last.pt; --epochs only says where to stop
-            sh([PY, "04_train.py", "--out_dir", d, "--method", method, "--data", a.data, "--subset", "0",
-                "--image_size", str(a.image_size), "--seed", str(seed), "--epochs", str(epochs),
-                "--epoch_size", str(a.epoch_size), "--batch_size", str(a.batch_size), "--k", str(a.k),
-                "--super_clusters", str(a.m), "--pca_dim", str(a.pca_dim), "--keep_every", "0",
-                "--keep_seen", ",".join(map(str, points))] + a.train_flags + list(flags), log, t)
+            sh([PY, "04_train.py", "--out_dir", d, "--method", method, "--data", a.data,
+                "--subset", "0", "--image_size", str(a.image_size), "--seed", str(seed),
+                "--epochs", str(epochs), "--epoch_size", str(a.epoch_size), "--batch_size",
+                str(a.batch_size), "--k", str(a.k), "--super_clusters", str(a.m), "--pca_dim",
+                str(a.pca_dim), "--keep_every", "0", "--keep_seen", ",".join(map(str, points))]
+               + a.train_flags + list(flags), log, t)
         todo = [(p, os.path.join(d, f"04_train_seen{p}.pt")) for p in points]
     for seen, ckpt in todo:
         out = os.path.join(d, f"eval_seen{seen}")
         if os.path.exists(os.path.join(out, "05_eval.json")) or not os.path.exists(ckpt):
             continue
         layers = ",".join(map(str, a.probe_layers))
-        sh([PY, "05_eval.py", "--out_dir", out, "--ckpt", ckpt, "--data", a.data, "--seed", str(seed),
-            "--layers", layers, "--knn_layer", f"fc7,{a.knn_mid}", "--train_subset", "0", "--test_subset", "0",
-            "--probe_epochs", str(a.probe_epochs), "--clusters_grid", "0"] + a.eval_flags,
-           log, t)
+        sh([PY, "05_eval.py", "--out_dir", out, "--ckpt", ckpt, "--data", a.data, "--seed",
+            str(seed), "--layers", layers, "--knn_layer", f"fc7,{a.knn_mid}", "--train_subset", "0",
+            "--test_subset", "0", "--probe_epochs", str(a.probe_epochs), "--clusters_grid", "0"]
+           + a.eval_flags, log, t)
         if seen:  # the curve's point is evaluated; 04_train_last.pt stays to extend the run
             os.remove(ckpt)
     return d
@@ -111,11 +114,11 @@ def point(res):
     probe = {k: v["acc"] for k, v in r.get("probe", {}).items()}
     knn = r.get("knn_layers", {})
     mid = [probe[l] for l in probe if l not in ("fc7", "13")]
+    loss = {k: v.get("loss_last") for k, v in r.get("probe", {}).items()}  # the probe's last batch
     return {"knn20": knn.get("fc7", {}).get("20"), "knn200": knn.get("fc7", {}).get("200"),
             "knn20_mid": next((v.get("20") for k, v in knn.items() if k != "fc7"), None),
             "probe_mid": float(np.mean(mid)) if mid else None, "probe13": probe.get("13"),
-            "probe_fc7": probe.get("fc7"), "probes": probe, "loss": {k: v.get("loss_last") for k, v in
-                                                                    r.get("probe", {}).items()}}
+            "probe_fc7": probe.get("fc7"), "probes": probe, "loss": loss}
 
 
 COLS = [("kNN@20 fc7", "knn20"), ("kNN@200 fc7", "knn200"), ("kNN@20 mid", "knn20_mid"),
@@ -132,14 +135,15 @@ def collect(a):
         for e in sorted(os.listdir(os.path.join(runs, name))):
             f = os.path.join(runs, name, e, "05_eval.json")
             if e.startswith("eval_seen") and os.path.exists(f):
-                pts.setdefault(kind, {}).setdefault(int(e[9:]), {})[int(seed)] = point(json.load(open(f)))
+                p = point(json.load(open(f)))
+                pts.setdefault(kind, {}).setdefault(int(e[9:]), {})[int(seed)] = p
         log = os.path.join(runs, name, "04_train_log.jsonl")
         if os.path.exists(log):
             speed.setdefault(kind, []).extend(json.loads(x)["images_per_s"] for x in open(log))
     if not pts:
         return
-    common.save_text(json.dumps({k: {str(s): v for s, v in p.items()} for k, p in pts.items()}, indent=1),
-                     os.path.join(a.results, "curves.json"))
+    as_json = {k: {str(s): v for s, v in p.items()} for k, p in pts.items()}
+    common.save_text(json.dumps(as_json, indent=1), os.path.join(a.results, "curves.json"))
     write_table(a, pts, speed)
     plot(a, pts)
 
@@ -148,26 +152,43 @@ def cell(vals):
     vals = [100 * v for v in vals if v is not None]
     if not vals:
         return "–"
-    return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f}"
 
 
 def write_table(a, pts, speed):
     mid = ",".join(str(l) for l in a.probe_layers if str(l) not in ("13", "fc7"))
-    lines = [f"# Learning curves on `{a.data}` ({a.image_size} px, width {a.width}, batch {a.batch_size}, "
-             f"k = {a.k}, m = {a.m})", "",
-             f"Top-1 % on the labelled test split, mean ± sample std over seeds. kNN: weighted vote over the whole "
-             f"training set (τ = 0.07), on fc7 and on conv{a.knn_mid} (\"mid\"); probes: one linear layer on frozen "
-             f"features, {a.probe_epochs} epochs over every labelled training image; "
-             f"\"probe mid\" is the mean over conv{mid}. Random init is the untrained trunk (0 images seen).", "",
-             "| run | images seen | seeds | " + " | ".join(c for c, _ in COLS) + " | train images/s |",
-             "|---|---|---|" + "---|" * (len(COLS) + 1)]
-    order = sorted(pts, key=lambda k: (METHODS.index(k.split("-")[0]) if k.split("-")[0] in METHODS else 9, k))
+    lines = [f"# Learning curves on `{a.data}` ({a.image_size} px, width {a.width}, batch "
+             f"{a.batch_size}, k = {a.k}, m = {a.m})", "",
+             f"Top-1 % on the labelled test split, mean ± sample std over seeds. kNN: weighted "
+             f"vote over the whole training set (τ = 0.07), on fc7 and on conv{a.knn_mid} "
+             f"(\"mid\"); probes: one linear layer on frozen features, {a.probe_epochs} epochs "
+             f"over "
+             f"every labelled training image; \"probe mid\" is the mean over conv{mid}. Random "
+             f"init is the untrained trunk (0 images seen).", "",
+             "| run | images seen | seeds | " + " | ".join(c for c, _ in COLS)
+             + " | train images/s |", "|---|---|---|" + "---|" * (len(COLS) + 1)]
+    rank = lambda k: METHODS.index(k.split("-")[0]) if k.split("-")[0] in METHODS else 9  # noqa
+    order = sorted(pts, key=lambda k: (rank(k), k))
     for kind in order:
         ips = f"{np.mean(speed[kind]):.0f}" if speed.get(kind) else "–"
         for seen in sorted(pts[kind]):
             seeds = pts[kind][seen]
-            lines.append(f"| {kind} | {seen:,} | {len(seeds)} | "
-                         + " | ".join(cell([p[key] for p in seeds.values()]) for _, key in COLS) + f" | {ips} |")
+            cells = [cell([p[key] for p in seeds.values()]) for _, key in COLS]
+            lines.append(f"| {kind} | {seen:,} | {len(seeds)} | " + " | ".join(cells)
+                         + f" | {ips} |")
+    layers = [str(x) for x in a.probe_layers]  # the probes' own training loss: a collapsed layer
+    lines += ["", "Linear probes' training loss (last batch, mean over seeds; lower = the classes "
+              "are more separable in that layer):", "",
+              "| run | images seen | " + " | ".join(f"conv{x}" if x != "fc7" else x for x in layers)
+              + " |", "|---|---|" + "---|" * len(layers)]
+    for kind in order:
+        for seen in sorted(pts[kind]):
+            loss = [[p["loss"].get(x) for p in pts[kind][seen].values()] for x in layers]
+            loss = [f"{np.mean([v for v in ls if v is not None]):.2f}" if any(ls) else "–"
+                    for ls in loss]
+            lines.append(f"| {kind} | {seen:,} | " + " | ".join(loss) + " |")
     common.save_text("\n".join(lines) + "\n", os.path.join(a.results, "curves.md"))
     print("\n".join(lines), flush=True)
 
@@ -194,15 +215,16 @@ def plot(a, pts):
                     s.append(np.std(vals) if len(vals) > 1 else 0.0)
             if xs:
                 line = ax.plot(xs, m, "o-", ms=3, label=kind, lw=2 if "-" not in kind else 1)[0]
-                ax.fill_between(xs, np.subtract(m, s), np.add(m, s), color=line.get_color(), alpha=0.15)
+                ax.fill_between(xs, np.subtract(m, s), np.add(m, s), color=line.get_color(),
+                                alpha=0.15)
         ax.set_xscale("log")
         ax.set_xlabel("images seen")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{a.data}: learning curves ({a.image_size} px, width {a.width}); band = ± std over seeds",
-                 fontsize=10)
+    fig.suptitle(f"{a.data}: learning curves ({a.image_size} px, width {a.width}); band = ± std "
+                 f"over seeds", fontsize=10)
     fig.tight_layout()
     tmp = os.path.join(a.results, "curves.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -216,29 +238,34 @@ def main():
     p.add_argument("--results", default="", help="default results/<data name>-<image_size>")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--max_seen", type=int, default=1_000_000, help="train every run up to this many images")
+    p.add_argument("--max_seen", type=int, default=1_000_000, help="train each run this far")
     p.add_argument("--points", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[250_000, 500_000, 1_000_000, 2_000_000, 4_000_000], help="curve points, images seen")
+                   default=[250_000, 500_000, 1_000_000, 2_000_000, 4_000_000],
+                   help="curve points, images seen")
     p.add_argument("--knobs", type=parse_knob, nargs="*", default=[],
-                   help="one-knob runs METHOD:NAME=FLAGS (seed: the first of --seeds), e.g. deepercluster:lr=--lr=0.0125")
+                   help="one-knob runs METHOD:NAME=FLAGS (seed: the first of --seeds), e.g. "
+                        "deepercluster:lr0.0125=--lr=0.0125")
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--epoch_size", type=int, default=100_000, help="images per epoch (Tiny-ImageNet: N = 100,000)")
+    p.add_argument("--epoch_size", type=int, default=100_000,
+                   help="images per epoch (Tiny-ImageNet: N = 100,000)")
     p.add_argument("--k", type=int, default=1000, help="clusters over all super-clusters")
     p.add_argument("--m", type=int, default=4, help="super-clusters of DeeperCluster (S = 4m)")
     p.add_argument("--pca_dim", type=int, default=256)
-    p.add_argument("--probe_layers", type=lambda s: s.split(","), default=["4", "7", "10", "13", "fc7"])
+    p.add_argument("--probe_layers", type=lambda s: s.split(","),
+                   default=["4", "7", "10", "13", "fc7"])
     p.add_argument("--knn_mid", default="7", help="the mid conv layer of the second kNN")
     p.add_argument("--probe_epochs", type=int, default=10)
     for stage in ("model", "train", "eval"):
-        p.add_argument(f"--{stage}_flags", type=shlex.split, default=[], help=f"extra flags for every {stage} stage")
+        p.add_argument(f"--{stage}_flags", type=shlex.split, default=[],
+                       help=f"extra flags for every {stage} stage")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads")
     p.add_argument("--table_only", action="store_true")
     a = p.parse_args()
     a.threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else 0
-    a.results = a.results or os.path.join(ROOT, "results", f"{a.data.split(':')[-1].rstrip('/').split('/')[-1]}"
-                                                           f"-{a.image_size}")
+    name = a.data.split(":")[-1].rstrip("/").split("/")[-1]  # folder:data/tiny-imagenet -> ...
+    a.results = a.results or os.path.join(ROOT, "results", f"{name}-{a.image_size}")
     os.makedirs(a.results, exist_ok=True)
     settings = os.path.join(a.results, "settings.json")
     if os.path.exists(settings):

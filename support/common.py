@@ -6,12 +6,15 @@ Every distributed helper is a no-op in a single process, so the stage code calls
 unconditionally.
 """
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import inspect
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 
@@ -182,13 +185,48 @@ def load_npz(path, hint=""):
 
 
 # ---- device and distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) ----
+# A long wait on one rank (rank 0's PCA fit and writes, a slow rank's share of a clustering round)
+# must not trip the process group's watchdog (NCCL's default is 10 minutes): a real hang still ends.
+DIST_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def pick_device(name="auto", local_rank=0):
+    """--device -> this process's torch.device. auto = CUDA when present, else the CPU; a bare cuda
+    (or auto) is GPU LOCAL_RANK, so that the ranks of one machine each get their own GPU; cuda:N
+    stays N."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; "
                         f"use --device auto or cpu")
-    return torch.device(name)
+    dev = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: GPU {dev.index} (LOCAL_RANK {local_rank}) asked for but "
+                        f"{torch.cuda.device_count()} visible; one process per GPU")
+    return dev
+
+
+def fast_cuda(device):
+    """On CUDA: TF32 tensor cores for fp32 matmuls, as cuDNN's convolutions use by default (10-bit
+    mantissa products, fp32 sums: --no-amp runs at several times plain fp32 speed), and cuDNN's
+    autotuner (batches of one size: it picks the fastest convolution per shape once).
+    set_deterministic turns the autotuner off again; full_fp32() keeps plain fp32 where rounding
+    matters (k-means distances). One precision API only: torch 2.14 raises an error when the
+    per-backend fp32_precision flags and this global setting are mixed."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Plain fp32 matmuls inside the block, whatever fast_cuda set."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def init_dist(device="auto"):
@@ -196,11 +234,62 @@ def init_dist(device="auto"):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL and faiss work on the current device
+        fast_cuda(dev)
     if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     return rank, world, dev
+
+
+# ---- faiss on a GPU (make gpu): does this build run here; one scratch space per round ----
+_FAISS_OK, _FAISS_RES = {}, {}
+# a tiny exact search on GPU argv[1]; a build without code for this GPU aborts the process
+FAISS_PROBE = ("import sys, numpy as np, faiss; x = np.eye(16, dtype='float32'); "
+               "d, i = faiss.knn_gpu(faiss.StandardGpuResources(), x, x, 1, "
+               "device=int(sys.argv[1])); sys.exit(0 if (i[:, 0] == np.arange(16)).all() else 3)")
+
+
+def faiss_gpu_ok(faiss, device):
+    """Whether `faiss` can search on CUDA `device`: a GPU build that sees it, with kernels for its
+    compute capability (a wheel without them aborts the process at the first search, so a child
+    process tries first). Once per process and device; a no says so in one line."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda": the current GPU
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev not in _FAISS_OK:
+        ok, why = faiss.get_num_gpus() > 0, "a CPU-only build"
+        if ok:
+            p = subprocess.run([sys.executable, "-c", FAISS_PROBE, str(dev.index or 0)],
+                               capture_output=True, text=True, timeout=300)
+            why = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+            ok = p.returncode == 0
+        if not ok:
+            cc = "{}.{}".format(*torch.cuda.get_device_capability(dev))
+            log(f"faiss {faiss.__version__} cannot run on {dev} (compute capability {cc}: "
+                f"{why[:160]}): k-means searches with torch there (auto) or faiss on the CPU; "
+                f"'make gpu' installs a faiss-gpu with code for 7.0-9.0")
+        _FAISS_OK[dev] = ok
+    return _FAISS_OK[dev]
+
+
+def faiss_knn_gpu(x, c):
+    """(squared distances (n,) float32, labels (n,) int64) of each row of x (n, D) to its nearest
+    row of c (k, D), searched by faiss on x's GPU straight from torch's memory (no host copy). The
+    StandardGpuResources (about 1.5 GB of scratch) is kept until faiss_release(): one per round."""
+    import faiss
+    import faiss.contrib.torch_utils  # noqa: F401  (faiss.knn_gpu then takes CUDA tensors)
+    if x.device not in _FAISS_RES:
+        _FAISS_RES[x.device] = faiss.StandardGpuResources()
+    with torch.cuda.device(x.device):  # faiss searches on the current device, on torch's stream
+        d2, a = faiss.knn_gpu(_FAISS_RES[x.device], x.contiguous(), c.contiguous(), 1,
+                              device=torch.cuda.current_device())
+    return d2[:, 0], a[:, 0]
+
+
+def faiss_release():
+    """Free faiss's GPU scratch memory (the training steps between rounds need it)."""
+    _FAISS_RES.clear()
 
 
 def set_deterministic():

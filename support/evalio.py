@@ -135,10 +135,10 @@ def load_checkpoints(cfg):
     return paths, loaded, cfg.data or (specs + ["fashion-mnist"])[0]
 
 
-def labelled_inputs(spec, image_size, cfg, view):
+def labelled_inputs(spec, image_size, cfg, view, device="cpu"):
     """Center crops (view: 01's clustering view, a Dataset class), batched, and labels of seeded
     train/test subsets; None without a labelled test split. Crops kept in memory when small
-    (reused by every checkpoint)."""
+    (reused by every checkpoint); for a CUDA `device` in pinned memory (copies overlap compute)."""
     tr = make_source(spec, "train", subset=cfg.train_subset or None, seed=cfg.seed)
     try:
         te = make_source(spec, "test", subset=cfg.test_subset or None, seed=cfg.seed)
@@ -152,7 +152,8 @@ def labelled_inputs(spec, image_size, cfg, view):
     small = (len(tr) + len(te)) * 3 * image_size ** 2 * 4 < 1.5e9  # bytes of the crops
     for key, src in (("b_tr", tr), ("b_te", te)):
         crops = torch.utils.data.DataLoader(view(src, image_size), cfg.batch_size,
-                                            num_workers=cfg.workers)
+                                            num_workers=cfg.workers,
+                                            pin_memory=torch.device(device).type == "cuda")
         ins[key] = list(crops) if small else crops
     return ins
 

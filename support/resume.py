@@ -50,17 +50,18 @@ def resume_checkpoint(path, stage, cfg, keys, mid_epoch_keys=(), arch=None):
 
 def all_finite(modules):
     """True when every parameter and buffer of the modules is finite: a checkpoint never holds
-    diverged weights."""
-    tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers())
-               if t.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    diverged weights. One host sync for all of them."""
+    flags = [torch.isfinite(t).all() for m in modules
+             for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
-def healthy(modules, net=None, x=None):
+def healthy(modules, device, net=None, x=None):
     """Finite parameters and buffers, and (given net and a batch x) a finite forward pass on a few
     samples: weights of 1e37 are finite but have diverged, so a checkpoint of them would be useless.
     Eval mode (no dropout draw, no BN statistics update). Under torchrun: True only if on all
-    ranks."""
+    ranks; the flag lives on `device`, the modules' (nccl reduces CUDA tensors only, and a
+    checkpoint may come before any batch x)."""
     ok = all_finite(modules)
     if ok and net is not None and x is not None:
         was_training = net.training
@@ -68,7 +69,7 @@ def healthy(modules, net=None, x=None):
         with torch.no_grad():
             ok = bool(torch.isfinite(net(x[:8])).all())
         net.train(was_training)
-    bad = torch.tensor([float(not ok)], device=x.device if x is not None else "cpu")
+    bad = torch.tensor([float(not ok)], device=device)
     return float(all_reduce_sum(bad)) == 0
 
 
