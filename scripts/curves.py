@@ -82,7 +82,8 @@ def one_run(a, method, seed, knob=None, flags=()):
     if method == "random":
         todo = [(0, init)]
     else:
-        epochs = math.ceil(a.max_seen / a.epoch_size)
+        # an epoch is E // B whole batches (04 drops the last partial one): 99,968 of 100,000
+        epochs = math.ceil(a.max_seen / (a.epoch_size // a.batch_size * a.batch_size))
         done = os.path.join(d, "04_train_log.jsonl")
         trained = len(open(done).read().splitlines()) if os.path.exists(done) else 0
         if trained < epochs:  # 04 resumes from 04_train_last.pt; --epochs only says where to stop
