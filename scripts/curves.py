@@ -180,8 +180,9 @@ def write_table(a, pts, speed):
             lines.append(f"| {kind} | {seen:,} | {len(seeds)} | " + " | ".join(cells)
                          + f" | {ips} |")
     layers = [str(x) for x in a.probe_layers]  # the probes' own training loss: a collapsed layer
-    lines += ["", "Linear probes' training loss (last batch, mean over seeds; lower = the classes "
-              "are more separable in that layer):", "",
+    lines += ["", "Linear probes' training loss (last batch, mean over seeds; lower = the probe "
+              "fits its training images better, by separating the classes or by memorising them):",
+              "",
               "| run | images seen | " + " | ".join(f"conv{x}" if x != "fc7" else x for x in layers)
               + " |", "|---|---|" + "---|" * len(layers)]
     for kind in order:
