@@ -73,6 +73,7 @@ class Config:
     voc_image_size: int = 0  # crop size, 0 or >= 32; 0 = the checkpoint's image_size (paper: 224)
     voc_crops: int = 10  # random crops whose logits are summed at test (paper: 10)
     batch_size: int = 256  # feature-extraction batch
+    feature_gb: float = 1.5  # memory for cached features; above it, one trunk pass per layer group
     workers: int = 0  # DataLoader worker processes (0 = in the main process)
     seed: int = 0  # subsets, shuffles, crops, head init
     device: str = "auto"  # auto = cuda when present
@@ -328,7 +329,8 @@ def feature_evals(model, ins, layers, knn_layers, ks, cfg, device):
         want = layers + [l for l in knn_layers if l not in layers]
         dims = {l: f.shape[1] for l, f in pooled(model.eval(), x0, want).items()}
     probes, knn = {}, {}
-    for chunk in evalio.layer_chunks(dims, len(y_tr) + len(y_te)):  # passes that fit in memory
+    n = len(y_tr) + len(y_te)
+    for chunk in evalio.layer_chunks(dims, n, cfg.feature_gb * 1e9):  # passes that fit in memory
         t0 = time.time()
         f_tr = extract(model, ins["b_tr"], chunk, device)  # {layer: (N_train, D)}
         f_te = extract(model, ins["b_te"], chunk, device)  # {layer: (N_test, D)}

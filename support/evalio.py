@@ -27,7 +27,7 @@ AT_LEAST_1 = ("probe_epochs", "probe_batch", "voc_iters", "voc_stepsize_fc68", "
               "voc_batch", "voc_crops", "batch_size")
 AT_LEAST_0 = ("train_subset", "test_subset", "probe_wd", "clusters_grid", "voc_wd_fc68",
               "voc_wd_all", "voc_image_size", "workers", "seed")
-POSITIVE = ("probe_lr", "knn_tau", "voc_lr")
+POSITIVE = ("probe_lr", "knn_tau", "voc_lr", "feature_gb")
 
 
 def parse_layers(spec, flag="--layers"):

@@ -314,3 +314,23 @@ def test_probe_aug_recomputes_features(tmp_path):
     y = torch.as_tensor(src.labels)
     r = ev.run_probe(m, 4, None, None, x_te, y, 6, cfg, "cpu", src)
     assert r["iterations"] == 4 and len(r["acc_per_epoch"]) == 2 and r["dim"] == x_te.shape[1]
+
+
+def test_feature_budget_changes_passes_not_results(monkeypatch):
+    """--feature_gb only decides how many trunk passes cache the features: one per layer or one in
+    all, the probes and kNN come out the same."""
+    torch.manual_seed(0)
+    m = model_lib.VGG(width=1 / 16, image_size=32, sobel=False).eval()
+    x, y = torch.randn(48, 3, 32, 32), torch.arange(48) % 3
+    ins = {"y_tr": y[:32], "y_te": y[32:], "b_tr": [(x[:32], y[:32])], "b_te": [(x[32:], y[32:])],
+           "source": None}
+    runs, calls, extract = [], [], ev.extract
+    monkeypatch.setattr(ev, "extract", lambda *a: calls.append(a[2]) or extract(*a))
+    for gb in (1e-9, 1.5):  # every layer alone / all layers in one pass
+        torch.manual_seed(1)
+        cfg = ev.Config(probe_epochs=2, probe_batch=16, feature_gb=gb)
+        runs.append(ev.feature_evals(m, ins, [4, 7, "fc7"], ["fc7", 7], [5], cfg, "cpu"))
+    (p1, k1), (p2, k2) = runs
+    assert calls == [[4], [4], [7], [7], ["fc7"], ["fc7"], [4, 7, "fc7"], [4, 7, "fc7"]]  # train, test
+    assert k1 == k2 and set(p1) == {"4", "7", "fc7"}
+    assert all(p1[l]["acc"] == p2[l]["acc"] for l in p1)
