@@ -4,35 +4,32 @@ Every T-th epoch starts by clustering the current trunk's features (03_kmeans, i
 super-clusters u, k/m sub-classes z in each, the targets of Eq. (6)-(7): s = 4u + r (r = the
 sample's rotation) and z. An epoch draws images uniformly over these pseudo-labels (Eq. (14)) and
 minimises Eq. (8) with SGD. Cluster ids are arbitrary, so the heads restart at each round; the trunk
-carries over. One loop serves five methods (§8, 02_model.method_shape), each with its own official
-recipe (RECIPES): deepercluster, rotnet, deepcluster, deepcluster-2level, supervised.
-04_train_last.pt holds all the state, so re-running the command resumes exactly, also in mid-epoch
-(§11 pitfall 1). Ctrl-C or SIGTERM saves at the next iteration and exits.
+carries over. One loop serves the five methods of §8 (02_model.method_shape, --method), each with
+its own official recipe (RECIPES). 04_train_last.pt holds all the state, so re-running the command
+resumes exactly, also in mid-epoch (§11 pitfall 1). Ctrl-C or SIGTERM saves at the next iteration.
 
 Paper:  PAPER.md §2-§3 Eq. (6)-(9), §5 Eq. (14), §6, §7 (SyncBN, gradient scale), §8, §11
 Reads:  <out_dir>/02_model_init.pt (trunk architecture + weights; or --init), 04_train_last.pt
-Writes: <out_dir>/03_kmeans_ep{E:03d}.npz/.json (the clustering at the start of epoch E),
-        04_train_last.pt, 04_train_ep{E:03d}.pt, 04_train_seen{N}.pt, 04_train_log.jsonl,
-        04_train_curves.png
+Writes: <out_dir>/03_kmeans_ep{E:03d}.npz/.json (clustering at epoch E's start), 04_train_last.pt,
+        04_train_ep{E:03d}.pt, 04_train_seen{N}.pt, 04_train_log.jsonl, 04_train_curves.png
 Run:    python 02_model.py --out_dir out && python 04_train.py --out_dir out
         torchrun --nproc_per_node=2 04_train.py --out_dir out    (same global batch, BN synced)
         torchrun --nproc_per_node=16 04_train.py --layout grouped --out_dir out   (PAPER.md §7)
 Uses:   01_data.make_source/RotationDataset, 02_model.Heads/hierarchical_loss/method_shape,
         03_kmeans.cluster/save_clustering; scaleout/grouped.py only under --layout grouped
 """
-import dataclasses
 import importlib
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from support import clusterstats, common, interop, parallel, resume, trainlog
+from support import clusterstats, common, parallel, resume, trainlog
 from support.common import UserError
 
 data = importlib.import_module("01_data")  # 01_data.py: sources, RotationDataset
@@ -84,11 +81,10 @@ class Config:
 
 
 # ---- §8 each method's own recipe, from its official code (PAPER.md §6, §8) ----
-# lr: the official (lr, batch) pair, scaled linearly to --batch_size (Goyal et al.'s rule; plain
-# SGD's update is a mean over the batch, so the per-sample step stays the official one), except
-# DeeperCluster's, scaled by the square root of the batch ratio (scale="sqrt", below).
-# T: re-clustering period in epochs. wd: weight decay. w_std / head_momentum: the sub-class head
-# W_s's init (None = nn.Linear's default) and its SGD momentum.
+# lr: the official (lr, batch) pair, scaled linearly to --batch_size (Goyal et al.'s rule: SGD's
+# update is a batch mean, so the per-sample step stays the official one), except DeeperCluster's,
+# by the square root of the batch ratio (scale="sqrt", below). T: re-clustering period in epochs.
+# wd: weight decay. w_std / head_momentum: W_s's init (None = nn.Linear's default), SGD momentum.
 # DeeperCluster (main.sh): 0.1 at 48 x 64 = 3072, T = 3, nn.Linear heads with momentum 0.9;
 # deepcluster-2level (its clustering without rotation) keeps it. DeepCluster (main.py): 0.05 at
 # 256, T = 1, its top layer re-created at every clustering with N(0, 0.01) weights, zero bias and
@@ -109,8 +105,7 @@ RECIPE_KEYS = ("lr", "reassign", "weight_decay", "crop_min", "w_std", "head_mome
 
 
 def recipe(cfg):
-    """-> dict(lr, reassign, weight_decay, crop_min, w_std, head_momentum): the flags, where given,
-    else the method's recipe (RECIPES) at this run's batch size and image size."""
+    """-> {RECIPE_KEYS}: each flag if given, else the method's RECIPES value (lr at this batch)."""
     r = RECIPES[cfg.method]
     lr0, batch0 = r["lr"]
     # DEVIATION(paper): below 128 px the smallest crop keeps 20% of the image, not 8%, because at
@@ -170,13 +165,11 @@ def uniform_plan(super_, sub, S, rotate, E, rng):
     kz = int(sub.max()) + 1
     flat = clusterstats.flat_ids(super_, sub, kz)  # (N,) one id per (u, z) pair
     order = np.argsort(flat, kind="stable")
-    # non-empty pairs only
-    ids, first, sizes = np.unique(flat[order], return_index=True, return_counts=True)
+    ids, first, sizes = np.unique(flat[order], return_index=True, return_counts=True)  # non-empty
     members = {}  # u -> [member indices of each non-empty z]
     for i, f, c in zip(ids, first, sizes):
         members.setdefault(int(i) // kz, []).append(order[f:f + c])
-    # super-classes with images
-    supers = [s for s in range(S) if int(split_super(s, rotate)[0]) in members]
+    supers = [s for s in range(S) if int(split_super(s, rotate)[0]) in members]  # with images
     quota = np.full(len(supers), E // len(supers))
     quota[rng.permutation(len(supers))[: E % len(supers)]] += 1  # E/S each, the remainder at random
     idx, rot = [], []
@@ -208,15 +201,13 @@ def reset_heads(heads, head_opt, generator, reset_V):
 
 class Net(nn.Module):
     """Trunk + heads as one module, so that DDP averages both gradients; returns Eq. (8)'s dict."""
-
     def __init__(self, trunk, heads, sub_grad_scale=False):
         super().__init__()
         self.trunk, self.heads, self.sub_grad_scale = trunk, heads, sub_grad_scale
 
     # DEVIATION(paper): mixed batches (every super-class in every batch, all heads in one process)
     # instead of one super-class per GPU group, so by default W_s's gradient is B_s/B of the
-    # official per-group mean; --sub_grad_scale restores the official scale (PAPER.md §7; under
-    # torchrun B_s counts this rank's share).
+    # official per-group mean; --sub_grad_scale restores it (§7; under torchrun B_s is per rank).
     def forward(self, x, s, z):
         phi = self.trunk(x)  # (B, d) fc7 before ReLU
         return m02.hierarchical_loss(self.heads, phi, s, z, sub_grad_scale=self.sub_grad_scale)
@@ -250,11 +241,9 @@ class Replicated:
 
     def saved(self, path, head_sd): pass  # noqa: E704
 
-    def load_heads(self, heads, opt, ck, path):
-        if "sharded" in ck["heads"]:  # written by --layout grouped: its files assemble the rows
-            sd, osd = importlib.import_module("scaleout.shards").assemble_heads(ck, path)
-        else:
-            sd, osd = ck["heads"], ck["head_optimizer"]
+    def load_heads(self, heads, opt, ck, path):  # "sharded": --layout grouped's files hold the rows
+        sd, osd = ((ck["heads"], ck["head_optimizer"]) if "sharded" not in ck["heads"] else
+                   importlib.import_module("scaleout.shards").assemble_heads(ck, path))
         heads.load_state_dict(sd)
         opt.load_state_dict(osd)
 
@@ -265,8 +254,7 @@ CLUSTERS = ("super", "sub", "pca_mean", "pca_proj", "centroids_super", "centroid
 
 def new_round(cfg, setup, source, trunk, heads, head_opt, epoch, prev, level2):
     """Cluster the current features (stage 03: eval mode, no rotation, PCA-whitening, two-level
-    k-means), then reset the heads -> (clusters, stats): this round's u and z of every image, its
-    PCA and centroids (kept in every checkpoint), and the numbers for the epoch's log line."""
+    k-means), reset the heads -> (clusters: u, z of every image, PCA, centroids; log line stats)."""
     t0, device = time.time(), next(trunk.parameters()).device
     prev = None if prev["super"] is None else prev | {"k_s": setup["k_s"]}
     res = m03.cluster(trunk, source, cfg, device, prev=prev, epoch=epoch, m=setup["m"],
@@ -274,10 +262,8 @@ def new_round(cfg, setup, source, trunk, heads, head_opt, epoch, prev, level2):
     trunk.train()
     m03.save_clustering(res, cfg.out_dir, name=f"03_kmeans_ep{epoch:03d}")
     clusters = {key: torch.as_tensor(res[key]).cpu() for key in CLUSTERS}
-    clusters["super"] = clusters["super"].long()  # (N,) u of every image
-    clusters["sub"] = clusters["sub"].long()  # (N,) z of every image, local to u
-    # The new ids are unrelated to the previous round's (k-means numbers its clusters
-    # arbitrarily): W (and V when m > 1) restart with fresh momentum; the trunk carries over.
+    clusters |= {key: clusters[key].long() for key in ("super", "sub")}  # (N,) u, and z local to u
+    # k-means numbers its clusters arbitrarily: W (and V when m > 1) restart with fresh momentum
     reset_V = {"auto": setup["m"] > 1, "always": True, "never": False}[cfg.reset_super_head]
     g = torch.Generator(device).manual_seed(cfg.seed * 7919 + epoch)
     reset_heads(heads, head_opt, g, reset_V)
@@ -294,8 +280,7 @@ def epoch_loader(cfg, ds, epoch, plan, super_, rotate, layout, it, pin=False):
 
 
 def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
-    """Train until cfg.epochs (from checkpoint `ck` when resuming); 04_train_last.pt holds the
-    variables below."""
+    """Train to cfg.epochs (from `ck` when resuming); 04_train_last.pt holds the variables below."""
     device, last = next(trunk.parameters()).device, os.path.join(cfg.out_dir, "04_train_last.pt")
     ds = data.RotationDataset(source, cfg.image_size, cfg.seed, crop_scale=(setup["crop_min"], 1))
     E = cfg.epoch_size or len(source)  # images per epoch, n_iter steps
@@ -308,8 +293,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
         epoch, it, plan, metrics, seconds, round_stats, sums = 0, 0, None, [], 0.0, {}, None
         clusters = dict.fromkeys(CLUSTERS)
         if not setup["cluster"]:  # rotnet / supervised: fixed labels
-            clusters["super"] = torch.from_numpy(setup["super"])
-            clusters["sub"] = torch.from_numpy(setup["sub"])
+            clusters |= {key: torch.from_numpy(setup[key]) for key in ("super", "sub")}
     else:
         epoch, it, metrics = ck["epoch"], ck["iteration"], ck["metrics"]
         plan = (ck["plan_indices"], ck["plan_rotations"]) if len(ck["plan_indices"]) else None
@@ -332,9 +316,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
             layout.saved(path, head_sd)
         stop.saved()
 
-    def after_step(x):
-        """The progress bar, the curve's checkpoints, a signal (save, exit: it only set a flag, so
-        the step and `it` agree; DIST: all ranks stop here), the periodic saves."""
+    def after_step(x):  # a signal only set a flag: the step and `it` agree (DIST: all ranks stop)
         if it % cfg.log_every == 0 or it == n_iter:
             means = dict(zip(m02.TRAIN_KEYS, (sums[:-1] / sums[-1]).tolist()))
             bar.set_postfix_str(trainlog.progress(means, float(sums[-1]), clock()), refresh=False)
@@ -345,15 +327,12 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
         stopping, due = stop.poll(device)
         if stopping:
             checkpoint(last, x)
-            common.log(f"\nstopped by signal {stop.signal or 'on another rank'}: saved {last} "
-                       f"(epoch {epoch}, iteration {it}); re-run to resume")
-            sys.exit(130)
+            stop.exit(last, epoch, it)  # says how to resume, exit status 130
         if it < n_iter and (due or (cfg.ckpt_every and it % cfg.ckpt_every == 0)):
             checkpoint(last, x)
 
     stop = resume.StopFlag(every_s=60 * cfg.ckpt_minutes)  # SIGINT / SIGTERM: a flag
-    t0 = time.time()
-    clock = lambda: seconds + time.time() - t0  # noqa: E731  (training seconds of this epoch)
+    clock = lambda: seconds + time.time() - t0  # noqa: E731  (epoch's training seconds; t0 below)
     try:
         while epoch < cfg.epochs:
             if plan is None:  # a new epoch (a resume inside one already has its plan)
@@ -415,11 +394,10 @@ COMPAT_MID_EPOCH = ("batch_size", "seed", "epoch_size", "crop_min")  # and a mid
 
 def check_flags(cfg):
     """Every numeric flag and choice, before any data is read."""
-    common.check_ranges(cfg, at_least_1=("k", "super_clusters", "niter", "epochs",
-                                         "batch_size", "log_every", "image_size"),
-                        at_least_0=("subset", "epoch_size", "workers", "ckpt_every", "keep_every",
-                                    "world_size", "pca_dim", "momentum", "reassign",
-                                    "ckpt_minutes", "pca_sample", "lr", "crop_min"),
+    ones = ("k", "super_clusters", "niter", "epochs", "batch_size", "log_every", "image_size")
+    zeros = ("subset", "epoch_size", "workers", "ckpt_every", "keep_every", "world_size", "pca_dim",
+             "momentum", "reassign", "ckpt_minutes", "pca_sample", "lr", "crop_min")
+    common.check_ranges(cfg, at_least_1=ones, at_least_0=zeros,
                         choices={"method": m02.METHODS, "layout": ("replicated", "grouped"),
                                  "top_layer": ("auto", "linear", "deepcluster"),
                                  "reset_super_head": ("auto", "always", "never")})
@@ -428,19 +406,6 @@ def check_flags(cfg):
     if (cfg.epoch_size or cfg.batch_size) < cfg.batch_size:
         raise UserError(f"--epoch_size {cfg.epoch_size} is less than one --batch_size")
     common.parse_counts(cfg.keep_seen, "--keep_seen")
-
-
-def load_start(cfg, last):
-    """-> (trunk, ck): 04_train_last.pt's trunk and contents when resuming, else (init's, None)."""
-    init = cfg.init or os.path.join(cfg.out_dir, "02_model_init.pt")
-    trunk = interop.load_trunk(init)[0] if os.path.exists(init) else None
-    ck = resume.resume_checkpoint(last, "04_train", cfg, COMPAT, COMPAT_MID_EPOCH,
-                                  trunk and trunk.arch())
-    if ck is not None:
-        return interop.load_trunk(ck, name=last)[0], ck
-    if trunk is None:
-        raise UserError(f"{init} does not exist: run 02_model.py --out_dir {cfg.out_dir} or --init")
-    return trunk, None
 
 
 def main(cfg):
@@ -452,18 +417,17 @@ def main(cfg):
     rank, world, device = common.init_dist(cfg.device)
     if cfg.deterministic:  # bit-identical reruns and resumes
         common.set_deterministic()
-    common.log(f"04_train: {dataclasses.asdict(cfg)} | {world} process(es) on {device}")
+    common.log(f"04_train: {asdict(cfg)} | {world} process(es) on {device}")
     source = data.make_source(cfg.data, "train", cfg.subset or None, cfg.seed)
     if (cfg.epoch_size or len(source)) < cfg.batch_size:
         raise UserError(f"--batch_size {cfg.batch_size} exceeds the {len(source)} images")
     setup = method_setup(cfg, source) | recipe(cfg)  # S, k_s, m, rotate; lr, T, crop, ...
     common.log("recipe: " + ", ".join(f"{k} {setup[k]}" for k in RECIPE_KEYS))
-    # DIST: the one fork of the paper's layout (PAPER.md §7): its heads, net, optimizers, batches
-    # and level-2 clustering behind Replicated's methods
+    # DIST: the one fork of the paper's layout (§7): heads, net, optimizers, batches, level 2
     layout = (importlib.import_module("scaleout.grouped").GroupedLayout
               if cfg.layout == "grouped" else Replicated)(cfg, setup, rank, world)
     last = os.path.join(cfg.out_dir, "04_train_last.pt")
-    trunk, ck = load_start(cfg, last)
+    trunk, ck = resume.load_start(cfg, last, "04_train", COMPAT, COMPAT_MID_EPOCH)  # or --init's
     heads = layout.heads(trunk.feature_dim, setup["S"], setup["k_s"], setup["w_std"])
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
     net = Net(trunk, heads, cfg.sub_grad_scale).to(device, memory_format=fmt)
@@ -476,11 +440,7 @@ def main(cfg):
         reset_heads(heads, opts[1], torch.Generator(device).manual_seed(cfg.seed * 7919), True)
     else:
         layout.load_heads(heads, opts[1], ck, last)
-        opts[0].load_state_dict(ck["optimizer"])
-        for opt, hyper in zip(opts, (sgd, sgd_heads)):  # the flags win over the saved ones
-            for group in opt.param_groups:  # (e.g. a lower --lr after a NaN)
-                group.update(hyper)
-        resume.set_rng_states(ck["rng"], rank, device)
+        resume.restore(ck, opts, (sgd, sgd_heads), rank, device)  # the flags win over saved ones
     model.train()
     train(cfg, setup, source, trunk, heads, model, opts, layout, ck)
     common.log(f"done: {cfg.epochs} epochs; 04_train_last.pt, log and curves in {cfg.out_dir}")

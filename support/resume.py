@@ -1,16 +1,20 @@
 """What a resumable, interruptible run needs (04_train.py): which settings must match to resume a
-checkpoint, the checks that a checkpoint never holds diverged weights, every rank's RNG state, and
-the stop flag that Ctrl-C and SIGTERM set. Plumbing a first reader skips.
+checkpoint, where a run starts (its last checkpoint or the initial trunk) and how it restores the
+optimizers, the checks that a checkpoint never holds diverged weights, every rank's RNG state, and
+the stop flag that Ctrl-C and SIGTERM set. Plumbing a first reader skips. It reads trunks through
+support/interop.py, which imports stage 02 (its VGG is the building block interop adapts).
 """
 import os
 import random
 import signal
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from support import interop
 from support.common import UserError, all_gather_cat, all_reduce_sum, is_main, load_ckpt, log
 
 
@@ -46,6 +50,31 @@ def resume_checkpoint(path, stage, cfg, keys, mid_epoch_keys=(), arch=None):
         log(f"--force: ignoring {path} ({'; '.join(diff)}); it will be overwritten")
         return None
     return ck
+
+
+def load_start(cfg, last, stage, keys, mid_epoch_keys=()):
+    """-> (trunk, ck): `last`'s trunk and contents when resuming it (resume_checkpoint, with the
+    --init trunk's architecture), else (the --init trunk, None); --init defaults to
+    <out_dir>/02_model_init.pt."""
+    init = cfg.init or os.path.join(cfg.out_dir, "02_model_init.pt")
+    trunk = interop.load_trunk(init)[0] if os.path.exists(init) else None
+    ck = resume_checkpoint(last, stage, cfg, keys, mid_epoch_keys, trunk and trunk.arch())
+    if ck is not None:
+        return interop.load_trunk(ck, name=last)[0], ck
+    if trunk is None:
+        raise UserError(f"{init} does not exist: run 02_model.py --out_dir {cfg.out_dir} or --init")
+    return trunk, None
+
+
+def restore(ck, opts, hypers, rank, device):
+    """Resume the trunk's optimizer opts[0] from checkpoint `ck` (the layout has loaded the heads'
+    one) and this rank's RNG. The flags win over the saved hyper-parameters: hypers (one dict per
+    optimizer) update every param group (e.g. a lower --lr after a NaN)."""
+    opts[0].load_state_dict(ck["optimizer"])
+    for opt, hyper in zip(opts, hypers):
+        for group in opt.param_groups:
+            group.update(hyper)
+    set_rng_states(ck["rng"], rank, device)
 
 
 def all_finite(modules):
@@ -137,3 +166,9 @@ class StopFlag:
 
     def saved(self):
         self.last_save = time.time()
+
+    def exit(self, path, epoch, it):
+        """After the stop's save: say where it saved and how to resume, exit with status 130."""
+        log(f"\nstopped by signal {self.signal or 'on another rank'}: saved {path} "
+            f"(epoch {epoch}, iteration {it}); re-run to resume")
+        sys.exit(130)

@@ -357,12 +357,15 @@ def test_incompatible_checkpoint_refused(runs):
     last = str(runs.a / "04_train_last.pt")
     cfg = t4.Config(out_dir=str(runs.a), init=str(runs.init), data="synthetic:160", subset=0, k=24, super_clusters=2,
                     method="deepcluster")
+
+    def start(c):  # what 04_train.main does: resume 04_train_last.pt, or start from --init
+        return resume.load_start(c, last, "04_train", t4.COMPAT, t4.COMPAT_MID_EPOCH)
     with pytest.raises(common.UserError, match="incompatible") as err:
-        t4.load_start(cfg, last)
+        start(cfg)
     assert "--k 16 there vs 24 now" in str(err.value) and "'deepcluster' now" in str(err.value)
-    trunk, ck = t4.load_start(dataclasses.replace(cfg, force=True), last)
+    trunk, ck = start(dataclasses.replace(cfg, force=True))
     assert ck is None  # --force: start afresh from the init checkpoint
-    trunk, ck = t4.load_start(dataclasses.replace(cfg, k=16, method="deepercluster"), last)
+    trunk, ck = start(dataclasses.replace(cfg, k=16, method="deepercluster"))
     assert ck["epoch"] == 2  # the compatible one resumes
 
 
