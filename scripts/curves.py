@@ -199,6 +199,7 @@ def plot(a, pts):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     shown = [c for c in COLS if c[1] in ("knn20", "knn20_mid", "probe_mid", "probe13", "probe_fc7")]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.5))
     for ax, (title, key) in zip(axes, shown):
@@ -220,11 +221,16 @@ def plot(a, pts):
                 ax.fill_between(xs, np.subtract(m, s), np.add(m, s), color=line.get_color(),
                                 alpha=0.15)
         ax.set_xscale("log")
+        ax.set_yscale("log")  # self-supervised runs at 1-10%, supervised far above: both readable
+        lo, hi = ax.get_ylim()
+        ax.set_yticks([v for v in (0.5, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100) if lo <= v <= hi])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("images seen")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 (%)")
-    axes[0].legend(fontsize=7)
+    axes[0].set_ylabel("top-1 (%, log scale)")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels
     fig.suptitle(f"{a.data}: learning curves ({a.image_size} px, width {a.width}); band = ± std "
                  f"over seeds", fontsize=10)
     fig.tight_layout()
