@@ -54,9 +54,7 @@ class Config:
     probe_batch: int = 256  # (paper: 256)
     probe_aug: bool = False  # paper: new RandomResizedCrop+flip every epoch (slow); default: cached
     probe_standardize: bool = True  # BN without affine before the linear layer; --no-... = paper
-    # kNN feature(s): fc7 (phi) or conv layers 1..13 (pooled as for probes), a comma list; the
-    # first is the headline number
-    knn_layer: str = "fc7"
+    knn_layer: str = "fc7"  # fc7 (phi) or convs 1..13, pooled as for probes; comma list, 1st leads
     knn_k: str = "20,200"  # neighbours, comma list (common choice: 200)
     knn_tau: float = 0.07  # temperature of the vote weights exp(sim / tau)
     clusters_grid: int = 8  # clusters drawn in 05_eval_clusters.png (0 = no figure)
@@ -329,8 +327,7 @@ def feature_evals(model, ins, layers, knn_layers, ks, cfg, device):
         want = layers + [l for l in knn_layers if l not in layers]
         dims = {l: f.shape[1] for l, f in pooled(model.eval(), x0, want).items()}
     probes, knn = {}, {}
-    n = len(y_tr) + len(y_te)
-    for chunk in evalio.layer_chunks(dims, n, cfg.feature_gb * 1e9):  # passes that fit in memory
+    for chunk in evalio.layer_chunks(dims, len(y_tr) + len(y_te), cfg.feature_gb * 1e9):
         t0 = time.time()
         f_tr = extract(model, ins["b_tr"], chunk, device)  # {layer: (N_train, D)}
         f_te = extract(model, ins["b_te"], chunk, device)  # {layer: (N_test, D)}

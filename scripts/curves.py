@@ -223,7 +223,8 @@ def plot(a, pts):
         ax.set_xscale("log")
         ax.set_yscale("log")  # self-supervised runs at 1-10%, supervised far above: both readable
         lo, hi = ax.get_ylim()
-        ax.set_yticks([v for v in (0.5, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100) if lo <= v <= hi])
+        ticks = (0.5, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100)
+        ax.set_yticks([v for v in ticks if lo <= v <= hi])
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("images seen")
