@@ -85,13 +85,16 @@ def test_method_errors():
         t4.check_flags(t4.Config(reassign=-1))
     with pytest.raises(common.UserError, match="--keep_seen '1e6'"):
         t4.check_flags(t4.Config(keep_seen="1e6"))
+    for bad in (0.0, 1.5):  # RandomResizedCrop's smallest area must be a fraction of the image
+        with pytest.raises(common.UserError, match=f"--crop_min {bad} must be in"):
+            t4.check_flags(t4.Config(crop_min=bad))
 
 
 def test_each_method_has_its_official_recipe():
     """lr = the official (lr, batch) pair scaled to --batch_size (PAPER.md §6, §8); T, weight decay and
     DeepCluster's top layer (N(0, 0.01), no momentum) per method; any flag given wins."""
     dc = t4.recipe(t4.Config(method="deepcluster", batch_size=64))
-    assert dc == dict(lr=pytest.approx(0.05 * 64 / 256), reassign=1, weight_decay=1e-5, crop_min=0.2, w_std=0.01,
+    assert dc == dict(lr=pytest.approx(0.05 * 64 / 256), reassign=1, weight_decay=1e-5, crop_min=0.08, w_std=0.01,
                       head_momentum=0.0)
     deeper = t4.recipe(t4.Config(method="deepercluster", batch_size=3072, image_size=224))
     assert deeper == dict(lr=pytest.approx(0.1), reassign=3, weight_decay=1e-5, crop_min=0.08, w_std=None,
