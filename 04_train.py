@@ -61,7 +61,7 @@ class Config:
     reset_super_head: str = "auto"  # re-init V each round: auto (m > 1, §5.1) | always | never
     sub_grad_scale: bool = False  # W_s's gradient times B/B_s: the official per-group mean (§7)
     workers: int = 2  # DataLoader worker processes
-    crop_min: float = 0.08  # smallest crop area, RandomResizedCrop's scale=(crop_min, 1) (paper: 0.08)
+    crop_min: float = -1.0  # smallest crop area; < 0 = the method's (RECIPES; paper: 0.08)
     top_layer: str = "auto"  # W_s init + momentum: auto (the method's) | linear | deepcluster
     amp: bool = False  # bf16 autocast + channels_last, on CPU or CUDA (not in the paper)
     deterministic: bool = False  # torch.use_deterministic_algorithms: a resumed run ends identical
@@ -85,11 +85,13 @@ class Config:
 # update is a batch mean, so the per-sample step stays the official one), except DeeperCluster's,
 # by the square root of the batch ratio (scale="sqrt", below). T: re-clustering period in epochs.
 # wd: weight decay. w_std / head_momentum: W_s's init (None = nn.Linear's default), SGD momentum.
+# crop: RandomResizedCrop's smallest area, 8% if absent (torchvision's default, both clustering
+# codes; at 32 px a 9x9 patch, yet level with or ahead of 20% on the Tiny-ImageNet curve).
 # DeeperCluster (main.sh): 0.1 at 48 x 64 = 3072, T = 3, nn.Linear heads with momentum 0.9;
 # deepcluster-2level (its clustering without rotation) keeps it. DeepCluster (main.py): 0.05 at
 # 256, T = 1, its top layer re-created at every clustering with N(0, 0.01) weights, zero bias and
-# an SGD without momentum. RotNet (FeatureLearningRotNet, CIFAR): 0.1 at 128, weight decay 5e-4.
-# supervised, the labelled baseline: the usual ImageNet recipe for BN convnets, 0.1 at 256, 1e-4.
+# an SGD without momentum. RotNet (FeatureLearningRotNet, CIFAR): 0.1 at 128, wd 5e-4, whole
+# images (20% crops cost its mid layers 2 points at 250k). supervised: 0.1 at 256, wd 1e-4.
 # DEVIATION(paper): DeeperCluster's 0.1 at 3072 scaled linearly over the 48x batch ratio gives
 # 0.0021 at batch 64, which learned slower on Tiny-ImageNet at 32 px than DeepCluster's per-sample
 # rate 0.0125 (after 1M images seen, seed 0: kNN@20 fc7 2.4 vs 2.7, mean conv4-10 probe 7.2 vs 8.6,
@@ -98,7 +100,7 @@ class Config:
 RECIPES = {"deepercluster": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9,
                                  scale="sqrt"),
            "deepcluster": dict(lr=(0.05, 256), T=1, wd=1e-5, w_std=0.01, head_momentum=0.0),
-           "rotnet": dict(lr=(0.1, 128), T=1, wd=5e-4, w_std=None, head_momentum=0.9),
+           "rotnet": dict(lr=(0.1, 128), T=1, wd=5e-4, w_std=None, head_momentum=0.9, crop=1.0),
            "supervised": dict(lr=(0.1, 256), T=1, wd=1e-4, w_std=None, head_momentum=0.9)}
 RECIPES["deepcluster-2level"] = RECIPES["deepercluster"]
 RECIPE_KEYS = ("lr", "reassign", "weight_decay", "crop_min", "w_std", "head_momentum")
@@ -108,15 +110,14 @@ def recipe(cfg):
     """-> {RECIPE_KEYS}: each flag if given, else the method's RECIPES value (lr at this batch)."""
     r = RECIPES[cfg.method]
     lr0, batch0 = r["lr"]
-    # The official 8% smallest crop at every size: at 32 px that is a 9x9-pixel patch, yet on the
-    # Tiny-ImageNet curve it was level with or ahead of 20% to 1M images (results/tiny-imagenet-32).
     top = {"auto": r, "linear": RECIPES["deepercluster"], "deepcluster": RECIPES["deepcluster"]}
     top = top[cfg.top_layer]  # nn.Linear's init and momentum, or DeepCluster's top layer
     power = 0.5 if r.get("scale") == "sqrt" else 1.0  # how lr follows the batch (see RECIPES)
     lr = cfg.lr or lr0 * (cfg.batch_size / batch0) ** power
     return dict(lr=lr, reassign=cfg.reassign or r["T"],
                 weight_decay=r["wd"] if cfg.weight_decay < 0 else cfg.weight_decay,
-                crop_min=cfg.crop_min, w_std=top["w_std"], head_momentum=top["head_momentum"])
+                crop_min=r.get("crop", 0.08) if cfg.crop_min < 0 else cfg.crop_min,
+                w_std=top["w_std"], head_momentum=top["head_momentum"])
 
 
 def method_setup(cfg, source):
@@ -400,8 +401,8 @@ def check_flags(cfg):
                         choices={"method": m02.METHODS, "layout": ("replicated", "grouped"),
                                  "top_layer": ("auto", "linear", "deepcluster"),
                                  "reset_super_head": ("auto", "always", "never")})
-    if not 0 < cfg.crop_min <= 1:
-        raise UserError(f"--crop_min {cfg.crop_min} must be in (0, 1] (the paper: 0.08)")
+    if cfg.crop_min == 0 or cfg.crop_min > 1:
+        raise UserError(f"--crop_min {cfg.crop_min} must be in (0, 1], or < 0 for the method's")
     if (cfg.epoch_size or cfg.batch_size) < cfg.batch_size:
         raise UserError(f"--epoch_size {cfg.epoch_size} is less than one --batch_size")
     common.parse_counts(cfg.keep_seen, "--keep_seen")

@@ -104,7 +104,7 @@ def test_each_method_has_its_official_recipe():
     for method in ("deepercluster", "deepcluster-2level"):
         assert t4.recipe(t4.Config(method=method, batch_size=64))["lr"] == pytest.approx(0.1 * (64 / 3072) ** 0.5)
     rot = t4.recipe(t4.Config(method="rotnet", batch_size=64))
-    assert rot["lr"] == pytest.approx(0.05) and rot["weight_decay"] == 5e-4
+    assert rot["lr"] == pytest.approx(0.05) and rot["weight_decay"] == 5e-4 and rot["crop_min"] == 1.0  # whole images
     given = t4.recipe(t4.Config(method="deepcluster", lr=0.3, reassign=5, crop_min=0.5, weight_decay=0.0))
     assert (given["lr"], given["reassign"], given["crop_min"], given["weight_decay"]) == (0.3, 5, 0.5, 0.0)
     assert set(t4.RECIPES) == set(m02.METHODS)
