@@ -22,7 +22,7 @@ import importlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -310,7 +310,8 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
                  "round": round_stats, "sums": sums.cpu(), "seconds": clock(),
                  "metrics": metrics, "arch": trunk.arch(), "model": trunk.state_dict(),
                  "heads": head_sd, "optimizer": opts[0].state_dict(), "head_optimizer": head_osd,
-                 "method": cfg.method, "rng": resume.rng_states(device)}  # every rank's dropout RNG
+                 "method": cfg.method, "recipe": {k: setup[k] for k in RECIPE_KEYS},
+                 "rng": resume.rng_states(device)}  # every rank's dropout RNG
         if common.is_main():
             common.save_ckpt(common.ckpt_header("04_train", cfg) | state | clusters, path)
             layout.saved(path, head_sd)
@@ -427,7 +428,10 @@ def main(cfg):
     layout = (importlib.import_module("scaleout.grouped").GroupedLayout
               if cfg.layout == "grouped" else Replicated)(cfg, setup, rank, world)
     last = os.path.join(cfg.out_dir, "04_train_last.pt")
+    cfg = replace(cfg, crop_min=setup["crop_min"])  # saved and compared: the crop actually used
     trunk, ck = resume.load_start(cfg, last, "04_train", COMPAT, COMPAT_MID_EPOCH)  # or --init's
+    if ck is not None:  # a warning when the recipe changed, or when it has nothing left to train
+        resume.notes(ck, {k: setup[k] for k in RECIPE_KEYS}, cfg.epochs, last)
     heads = layout.heads(trunk.feature_dim, setup["S"], setup["k_s"], setup["w_std"])
     fmt = torch.channels_last if cfg.amp else torch.contiguous_format
     net = Net(trunk, heads, cfg.sub_grad_scale).to(device, memory_format=fmt)

@@ -33,6 +33,7 @@ test: venv data
 
 # The demo: every stage in order on Fashion-MNIST (a 20k subset, 32 px, VGG-16-BN at 1/4 width, 16 epochs,
 # DeeperCluster with its own recipe: lr 0.1 x sqrt(64/3072), T = 3, smallest crop 8%; 04_train.RECIPES).
+# Run again, it resumes $(OUT)'s finished training (04 warns: nothing to train): rm -rf $(OUT) to train anew.
 DEMO_DATA  ?= --data fashion-mnist --subset 20000 --image_size 32 --seed 0
 DEMO_MODEL ?= --width 0.25 --sobel
 DEMO_CLUST ?= --k 160 --super_clusters 4 --pca_dim 64

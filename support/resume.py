@@ -66,6 +66,22 @@ def load_start(cfg, last, stage, keys, mid_epoch_keys=()):
     return trunk, None
 
 
+def notes(ck, recipe, epochs, last):
+    """Warn when resuming `last` (checkpoint `ck`) changes its saved recipe (the new values apply
+    from here on), or when it has already trained `epochs` epochs: nothing is trained then, and
+    its settings stay those it was trained with (a rerun after a change of defaults)."""
+    old = ck.get("recipe", {})  # (absent in checkpoints from before it was saved)
+    diff = "; ".join(f"{k} {old[k]!r} there vs {v!r} now" for k, v in recipe.items()
+                     if k in old and old[k] != v)
+    if ck["epoch"] >= epochs:
+        log(f"warning: {last} has already trained {ck['epoch']} epochs (--epochs {epochs}): "
+            f"nothing to train" + (f", and with other settings ({diff})" if diff else "") +
+            ": to train again, --no-resume or another --out_dir")
+    elif diff:
+        log(f"warning: resuming {last} with other settings than it was trained with ({diff}): "
+            f"they apply from epoch {ck['epoch']} on")
+
+
 def restore(ck, opts, hypers, rank, device):
     """Resume the trunk's optimizer opts[0] from checkpoint `ck` (the layout has loaded the heads'
     one) and this rank's RNG. The flags win over the saved hyper-parameters: hypers (one dict per

@@ -307,13 +307,15 @@ def test_kill_sigterm_and_resume_is_exact_and_keeps_labels(runs):
     p = killed(b, 8, "SIGKILL")
     assert p.returncode == -9, p.stderr
     assert position(b / "04_train_last.pt") == (1, 2)
-    p = train(b, "--init", str(runs.init), "--batch_size", "16")  # mid-epoch: another batch size is refused
+    p = train(b, "--init", str(runs.init), "--batch_size", "16", "--crop_min", "0.5")  # mid-epoch: refused
     assert p.returncode == 2 and "--batch_size 32 there vs 16 now" in p.stderr, p.stderr
+    assert "--crop_min 0.08 there vs 0.5 now" in p.stderr  # the crop used, not the flag (-1: the method's)
     p = killed(b, 2, "SIGTERM")  # the resume redoes global step 8, then step 9 is its 2nd
     assert p.returncode == 130 and "resuming" in p.stdout and "stopped by signal 15: saved" in p.stdout, p.stderr
     assert position(b / "04_train_last.pt") == (1, 4)
-    p = train(b, "--init", str(runs.init))
+    p = train(b, "--init", str(runs.init), "--crop_min", "0.08")  # the method's crop, given: the same run
     assert p.returncode == 0, p.stderr
+    assert "warning" not in p.stdout
     assert not (b / "03_kmeans_ep001.npz").exists()  # epoch 1 of a T = 3 period: no new clustering...
     npz = common.load_npz(b / "03_kmeans_ep000.npz")  # ...the labels of epoch 0 were kept through both resumes
     cb = load(b / "04_train_last.pt")
@@ -370,6 +372,25 @@ def test_incompatible_checkpoint_refused(runs):
     assert ck is None  # --force: start afresh from the init checkpoint
     trunk, ck = start(dataclasses.replace(cfg, k=16, method="deepercluster"))
     assert ck["epoch"] == 2  # the compatible one resumes
+
+
+def test_resume_warns_of_changed_recipe_and_finished_run(runs, capsys):
+    """A checkpoint keeps the recipe it was trained with; a resume at an epoch boundary with another one says so,
+    and a finished run (the pitfall: `make demo` after a change of defaults reuses it) says it trains nothing."""
+    ck = load(runs.a / "04_train_last.pt")
+    assert ck["config"]["crop_min"] == ck["recipe"]["crop_min"] == 0.08  # saved: the crop used, not the flag -1
+    setup = dict(ck["recipe"])
+    last = "out/04_train_last.pt"
+    resume.notes(ck, setup, 3, last)  # same recipe, more epochs: nothing to say
+    assert capsys.readouterr().out == ""
+    resume.notes(ck, setup | {"crop_min": 0.2, "lr": 0.5}, 3, last)
+    out = capsys.readouterr().out
+    assert out.startswith("warning: resuming out/04_train_last.pt with other settings") and "from epoch 2 on" in out
+    assert f"lr {setup['lr']!r} there vs 0.5 now" in out and "crop_min 0.08 there vs 0.2 now" in out
+    resume.notes(ck, setup | {"crop_min": 0.2}, 2, last)
+    out = capsys.readouterr().out
+    assert "already trained 2 epochs (--epochs 2): nothing to train" in out and "0.08 there vs 0.2 now" in out
+    assert "--no-resume or another --out_dir" in out
 
 
 def test_deepcluster_is_flat_kmeans_and_one_k_way_head(runs):
