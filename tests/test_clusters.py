@@ -15,7 +15,7 @@ def test_cues_of_a_flat_colour_and_of_stripes():
     flat[:] = [0.9, 0.1, 0.6]  # 4 levels per channel: (3, 0, 2) -> bin 3*16 + 0*4 + 2 = 50
     stripes = np.zeros((1, 16, 16, 3), np.float32)
     stripes[:, :, (np.arange(16) // 2) % 2 == 0] = 1.0  # vertical stripes 2 px wide: horizontal gradients only
-    f = C.cues(np.concatenate([flat, stripes]))
+    f = C.chunk_cues(np.concatenate([flat, stripes]))
     np.testing.assert_allclose(f["mean colour"][0], [0.9, 0.1, 0.6], atol=1e-5)
     assert f["colour histogram"][0, 50] == 1 and f["colour histogram"][0].sum() == 1
     np.testing.assert_allclose(f["brightness, contrast"][0], [0.299 * 0.9 + 0.587 * 0.1 + 0.114 * 0.6, 0], atol=1e-5)
@@ -23,6 +23,16 @@ def test_cues_of_a_flat_colour_and_of_stripes():
     e = f["edges (strength, orientation)"][1]
     assert e[0] > 0 and abs(e[1] - 1) < 1e-9 and e[2:].sum() == 0  # strength, then all weight in orientation bin 0
     assert abs(f["layout (8x8 grey)"]).sum(1)[0] < 1e-6  # a flat image has a flat (zero-mean) thumbnail
+
+
+def test_cues_by_chunks_equal_cues_at_once():
+    """cues() converts uint8 images a chunk at a time (memory): the same descriptors as all images at once."""
+    images = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    whole = C.chunk_cues(images.astype(np.float32) / 255)
+    chunked = C.cues(images, chunk=3)  # chunks of 3, 3 and 1 images
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_cluster_ids_are_one_per_super_sub_pair(tmp_path):
