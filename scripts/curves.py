@@ -220,7 +220,11 @@ def plot(a, pts):
                 line = ax.plot(xs, m, "o-", ms=3, label=kind, lw=2 if "-" not in kind else 1)[0]
                 ax.fill_between(xs, np.subtract(m, s), np.add(m, s), color=line.get_color(),
                                 alpha=0.15)
-        ax.set_xscale("log")
+        ax.set_xscale("log")  # ticks at the measured points: 250k, 500k, 1M, ...
+        seen = sorted({n for kind in pts for n in pts[kind] if n > 0})
+        ax.set_xticks(seen, [f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" for n in seen],
+                      fontsize=8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yscale("log")  # self-supervised runs at 1-10%, supervised far above: both readable
         lo, hi = ax.get_ylim()
         ticks = (0.5, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100)
