@@ -63,7 +63,7 @@ class Config:
     workers: int = 2  # DataLoader worker processes
     crop_min: float = -1.0  # smallest crop area; < 0 = the method's (RECIPES; paper: 0.08)
     top_layer: str = "auto"  # W_s init + momentum: auto (the method's) | linear | deepcluster
-    amp: bool = False  # bf16 autocast + channels_last, on CPU or CUDA (not in the paper)
+    amp: bool = False  # bf16 autocast + channels_last; fp32 on CPUs without native bf16 (not in paper)
     deterministic: bool = False  # torch.use_deterministic_algorithms: a resumed run ends identical
     ckpt_minutes: float = 10.0  # also write 04_train_last.pt every N minutes of training (0 = off)
     ckpt_every: int = 0  # also write 04_train_last.pt every N iterations (0 = off)
@@ -416,6 +416,7 @@ def main(cfg):
     if cfg.plan:  # per-rank memory of this run; no processes, no training
         return importlib.import_module("scaleout.memory").print_plan(cfg)
     rank, world, device = common.init_dist(cfg.device)
+    cfg = replace(cfg, amp=common.resolve_amp(cfg.amp, device))  # fp32 where bf16 is emulated
     if cfg.deterministic:  # bit-identical reruns and resumes
         common.set_deterministic()
     common.log(f"04_train: {asdict(cfg)} | {world} process(es) on {device}")

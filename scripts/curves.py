@@ -153,9 +153,27 @@ def cell(vals):
     vals = [100 * v for v in vals if v is not None]
     if not vals:
         return "–"
+    r = lambda x: round(float(x), 1) + 0.0  # noqa: E731  (+ 0.0: a difference of 0 prints 0.0, not -0.0)
     if len(vals) == 1:
-        return f"{vals[0]:.1f}"
-    return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f}"
+        return f"{r(vals[0]):.1f}"
+    return f"{r(np.mean(vals)):.1f} ± {r(np.std(vals, ddof=1)):.1f}"
+
+
+def paired(pts):
+    """{kind: {seen: {seed: {key: point - random init's point of the same seed}}}} for every trained
+    run whose seed has a random-init point; a key missing on either side is None."""
+    rnd = pts.get("random", {}).get(0, {})
+    out = {}
+    for kind, by_seen in pts.items():
+        if kind == "random":
+            continue
+        for seen, seeds in by_seen.items():
+            for seed, p in seeds.items():
+                if seed in rnd:
+                    out.setdefault(kind, {}).setdefault(seen, {})[seed] = {
+                        key: (None if p.get(key) is None or rnd[seed].get(key) is None
+                              else p[key] - rnd[seed][key]) for _, key in COLS}
+    return out
 
 
 def write_table(a, pts, speed):
@@ -179,6 +197,17 @@ def write_table(a, pts, speed):
             cells = [cell([p[key] for p in seeds.values()]) for _, key in COLS]
             lines.append(f"| {kind} | {seen:,} | {len(seeds)} | " + " | ".join(cells)
                          + f" | {ips} |")
+    diff = paired(pts)
+    if diff:
+        lines += ["", "Difference to random init of the same seed, in points (each run starts from the "
+                  "random trunk of its own seed: the paired gain; mean ± sample std over the seeds that "
+                  "have both):", "", "| run | images seen | seeds | "
+                  + " | ".join(c for c, _ in COLS) + " |", "|---|---|---|" + "---|" * len(COLS)]
+        for kind in order:
+            for seen in sorted(diff.get(kind, {})):
+                d = diff[kind][seen]
+                lines.append(f"| {kind} | {seen:,} | {len(d)} | "
+                             + " | ".join(cell([v[key] for v in d.values()]) for _, key in COLS) + " |")
     layers = [str(x) for x in a.probe_layers]  # the probes' own training loss: a collapsed layer
     lines += ["", "Linear probes' training loss (last batch, mean over seeds; lower = the probe "
               "fits its training images better, by separating the classes or by memorising them):",

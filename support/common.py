@@ -206,6 +206,28 @@ def pick_device(name="auto", local_rank=0):
     return dev
 
 
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 convolutions and matmuls natively (oneDNN's own check:
+    AVX-512 BF16 / AMX or AVX-512 core). Without it (AVX2 laptops and servers) PyTorch emulates
+    bf16 and autocast runs several times *slower* than fp32 (bench/RESULTS.md: 0.14x on an
+    AVX2 machine, 1.95x faster on an AVX-512 one)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 either
+        return False
+
+
+def resolve_amp(amp, device):
+    """--amp as it will run: on a CPU without native bf16 it falls back to fp32, with a warning
+    (the precision actually used is what the checkpoint's config records)."""
+    if amp and torch.device(device).type == "cpu" and not cpu_has_bf16():
+        log("warning: --amp: this CPU has no native bf16 (oneDNN reports none; e.g. AVX2 only), "
+            "where bf16 autocast is emulated and measured 7x slower than fp32 (bench/RESULTS.md); "
+            "training in fp32 instead")
+        return False
+    return amp
+
+
 def fast_cuda(device):
     """On CUDA: TF32 tensor cores for fp32 matmuls, as cuDNN's convolutions use by default (10-bit
     mantissa products, fp32 sums: --no-amp runs at several times plain fp32 speed), and cuDNN's

@@ -2,8 +2,11 @@
 curve checkpoints on the way, each evaluated once, then the table; a second call extends the same run."""
 import json
 import os
+import importlib.util
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -32,3 +35,19 @@ def test_curve_points_are_reached_evaluated_and_extended(tmp_path):
     lines = (run / "04_train_log.jsonl").read_text().splitlines()
     assert len(lines) == 4  # 3 epochs, then one more: resumed, not restarted
     assert "| deepercluster | 112 | 1 |" in (tmp_path / "curves.md").read_text()
+
+
+def test_paired_differences_to_the_random_init_of_the_same_seed():
+    spec = importlib.util.spec_from_file_location("curves", os.path.join(ROOT, "scripts", "curves.py"))
+    cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv)
+    keys = [key for _, key in cv.COLS]
+    pt = lambda v: {k: v + i / 100 for i, k in enumerate(keys)}  # noqa: E731
+    pts = {"random": {0: {0: pt(0.02), 1: pt(0.05)}},
+           "dc": {500: {0: pt(0.03), 1: pt(0.04), 2: pt(0.09)}}}  # seed 2 has no random init: left out
+    pts["dc"][500][1]["probe13"] = None
+    d = cv.paired(pts)
+    assert set(d) == {"dc"} and set(d["dc"][500]) == {0, 1}
+    assert all(d["dc"][500][0][k] == pytest.approx(0.01) for k in keys)
+    assert d["dc"][500][1]["knn20"] == pytest.approx(-0.01) and d["dc"][500][1]["probe13"] is None
+    assert cv.cell([v["knn20"] for v in d["dc"][500].values()]) == "0.0 ± 1.4"  # +1 and -1 point

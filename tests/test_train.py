@@ -211,6 +211,31 @@ def test_convert_sync_bn_keeps_weights():
     assert torch.equal(net(x), ref)  # eval mode: running statistics, nothing to synchronise
 
 
+# ---- --amp: bf16 only where the hardware computes it ----
+def test_amp_falls_back_to_fp32_where_the_cpu_emulates_bf16(monkeypatch, capsys):
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
+    assert common.resolve_amp(True, "cpu") is False
+    assert "no native bf16" in capsys.readouterr().out  # said, not silent
+    assert common.resolve_amp(False, "cpu") is False and common.resolve_amp(True, "cuda") is True
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    assert common.resolve_amp(True, torch.device("cpu")) is True and capsys.readouterr().out == ""
+
+
+def test_cpu_has_bf16_agrees_with_the_cpu_flags():
+    """oneDNN's check against the kernel's list of the CPU's instruction sets: no AVX-512 at all means
+    no native bf16; AVX-512 BF16 or AMX BF16 means native bf16."""
+    try:
+        flags = set(" ".join(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if not flags or not {"avx2", "sse2"} & flags:
+        pytest.skip("not an x86 CPU")
+    if not any(f.startswith("avx512") for f in flags):
+        assert common.cpu_has_bf16() is False
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        assert common.cpu_has_bf16() is True
+
+
 def test_incompatible_lists_differences():
     cfg = t4.Config(k=16, super_clusters=2, data="synthetic:160")
     old = dataclasses.asdict(cfg)
