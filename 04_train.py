@@ -63,7 +63,7 @@ class Config:
     workers: int = 2  # DataLoader worker processes
     crop_min: float = -1.0  # smallest crop area; < 0 = the method's (RECIPES; paper: 0.08)
     top_layer: str = "auto"  # W_s init + momentum: auto (the method's) | linear | deepcluster
-    amp: bool = False  # bf16 autocast + channels_last; fp32 on CPUs without native bf16 (not in paper)
+    amp: bool = False  # bf16 autocast + channels_last; fp32 on CPUs without bf16 (not in paper)
     deterministic: bool = False  # torch.use_deterministic_algorithms: a resumed run ends identical
     ckpt_minutes: float = 10.0  # also write 04_train_last.pt every N minutes of training (0 = off)
     ckpt_every: int = 0  # also write 04_train_last.pt every N iterations (0 = off)
