@@ -255,7 +255,7 @@ TRAIN_KEYS = ("loss", "loss_super", "loss_sub", "acc_super", "acc_sub", "acc_joi
 # DEVIATION(paper): by default W_s gets the mixed-batch gradient, B_s/B (about 1/S) of the official
 # per-group mean (PAPER.md §7), because one loss over one mixed batch is the plain single-process
 # reading; sub_grad_scale=True restores the official scale.
-def hierarchical_loss(heads, phi, s, z, sub_grad_scale=False):
+def hierarchical_loss(heads, phi, s, z, sub_grad_scale=False, counts=None):
     """phi (B, d) fc7 before ReLU, s (B,) super-class, z (B,) sub-class local to s -> {TRAIN_KEYS:
     0-dim tensors}: the losses (with gradient) and the accuracies (no host sync).
 
@@ -266,13 +266,16 @@ def hierarchical_loss(heads, phi, s, z, sub_grad_scale=False):
     sub_grad_scale=True: the gradient that reaches W_t, b_t is multiplied by B/B_t, so W_t.grad is
     the mean over group t only, as in the official layout (PAPER.md §7); loss values and the
     gradients of V and of the trunk stay those of the batch mean. B_t counts this process's batch.
+    counts: [B_0 .. B_{S-1}] when the caller has s on the host (04 does): on a GPU, counting s
+    there would stop the host in mid-forward until the trunk is done (measured: 0.81x of a plain
+    VGG step on an H200, bench/RESULTS.md); None counts s where it is (one host sync).
     Memory: W, its gradient and (B, k_s) logits; never a per-sample copy of W_{s_n} (B, k_s, d).
     """
     B = len(s)
     f = F.relu(phi)  # (B, d): the heads see ReLU(fc7)
     logits_super = heads.V(f)  # (B, S)
     order = torch.argsort(s, stable=True)  # (B,) the batch grouped by super-class
-    B_s = torch.bincount(s, minlength=heads.S).tolist()  # [B_0 .. B_{S-1}], one host sync
+    B_s = counts or torch.bincount(s, minlength=heads.S).tolist()  # [B_0 .. B_{S-1}]
     present = [t for t in range(heads.S) if B_s[t] > 0]
     f_blocks = f[order].split([B_s[t] for t in present])  # one (B_t, d) block per t present
     logits_sub = []
@@ -297,10 +300,14 @@ def hierarchical_loss(heads, phi, s, z, sub_grad_scale=False):
 
 def batch_sums(out, b):
     """(7,) float64 on the device: hierarchical_loss's TRAIN_KEYS times b, then b, summed over the
-    ranks' parts of the global batch (DIST: one all-reduce). Raises FloatingPointError, before
-    any update, when the loss is not finite (one host sync per step)."""
+    ranks' parts of the global batch (DIST: one all-reduce). No host sync: check_finite does it."""
     vals = torch.stack([out[k].detach().double() for k in TRAIN_KEYS]) * b
-    sums = common.all_reduce_sum(torch.cat([vals, vals.new_tensor([b])]))
+    return common.all_reduce_sum(torch.cat([vals, vals.new_tensor([b])]))
+
+
+def check_finite(sums):
+    """Raise FloatingPointError when batch_sums' loss is not finite: the step's one host sync,
+    which 04 places after backward is queued and before any update, so the GPU never waits."""
     if not torch.isfinite(sums).all():
         raise FloatingPointError(f"non-finite loss ({float(sums[0] / sums[-1]):.4g})")
     return sums

@@ -208,9 +208,9 @@ class Net(nn.Module):
     # DEVIATION(paper): mixed batches (every super-class in every batch, all heads in one process)
     # instead of one super-class per GPU group, so by default W_s's gradient is B_s/B of the
     # official per-group mean; --sub_grad_scale restores it (§7; under torchrun B_s is per rank).
-    def forward(self, x, s, z):
+    def forward(self, x, s, z, counts=None):  # counts: B_s from the host (m02.hierarchical_loss)
         phi = self.trunk(x)  # (B, d) fc7 before ReLU
-        return m02.hierarchical_loss(self.heads, phi, s, z, sub_grad_scale=self.sub_grad_scale)
+        return m02.hierarchical_loss(self.heads, phi, s, z, self.sub_grad_scale, counts)
 
 
 # ---- DIST: where the heads live over the ranks ----
@@ -358,13 +358,15 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
             t0 = time.time()
             for x, r, n in loader:  # x (b, 3, P, P) rotated crops, r (b,) rotations, n (b,) ids
                 s, z = make_targets(clusters["super"][n], clusters["sub"][n], r, rotate)  # Eq. (6)
+                B_s = torch.bincount(s, minlength=S).tolist()  # counted here: no sync on a GPU
                 x, s, z = x.to(device, memory_format=fmt), s.to(device), z.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                    out = model(x, s, z)  # phi = trunk(x), the heads, Eq. (8)
-                sums += m02.batch_sums(out, len(s))  # the global batch's metrics; NaN: stop
+                    out = model(x, s, z, B_s)  # phi = trunk(x), the heads, Eq. (8)
+                step_sums = m02.batch_sums(out, len(s))  # the global batch's metrics
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
                 out["loss"].backward()  # the gradients, averaged over the ranks (DDP)
+                sums += m02.check_finite(step_sums)  # NaN: stop before any update
                 for opt in opts:
                     opt.step()
                 it += 1

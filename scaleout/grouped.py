@@ -123,8 +123,8 @@ class GroupedNet(nn.Module):
         # .module, like DDP's, so that getattr(model, "module", model) works
         self.module, self.groups = net, groups
 
-    def forward(self, x, s, z):
-        return self.module(x, s, z)
+    def forward(self, x, s, z, counts=None):
+        return self.module(x, s, z, counts)
 
     def reduce_grads(self):
         trunk, heads, g = self.module.trunk, self.module.heads, self.groups

@@ -73,6 +73,34 @@ def test_loss_equals_per_sample_loop(S, k_s, present):
         assert gW[absent].abs().max() == 0
 
 
+@pytest.mark.parametrize("sub_grad_scale", [False, True])
+def test_host_counts_give_the_same_loss_and_gradients(sub_grad_scale):
+    """04 passes B_s counted on the host (no sync on a GPU): the same values and gradients, bit for
+    bit, as counting s where it lives; numpy's bincount is the independent count."""
+    torch.manual_seed(1)
+    d, S, k_s, B = 9, 8, 3, 25
+    heads = M.Heads(d, S, k_s).double()
+    phi = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([0] * 10 + [2] * 9 + [7] * 6)[torch.randperm(B)]  # super-classes absent too
+    z = torch.randint(k_s, (B,))
+    counts = np.bincount(s.numpy(), minlength=S).tolist()
+    params = [phi, heads.V.weight, heads.V.bias, heads.W, heads.b]
+    a = M.hierarchical_loss(heads, phi, s, z, sub_grad_scale)
+    b = M.hierarchical_loss(heads, phi, s, z, sub_grad_scale, counts=counts)
+    assert all(torch.equal(a[key], b[key]) for key in M.TRAIN_KEYS)
+    for ga, gb in zip(grads(a["loss"], params), grads(b["loss"], params)):
+        assert torch.equal(ga, gb)
+
+
+def test_check_finite_raises_on_a_nan_loss():
+    out = {key: torch.tensor(0.5) for key in M.TRAIN_KEYS}
+    sums = M.batch_sums(out, 4)
+    assert M.check_finite(sums) is sums and float(sums[-1]) == 4
+    out["loss"] = torch.tensor(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        M.check_finite(M.batch_sums(out, 4))
+
+
 def test_sub_grad_scale_gives_group_mean_for_W_and_leaves_the_rest():
     torch.manual_seed(0)
     d, S, k_s, B = 10, 8, 4, 30
