@@ -267,8 +267,8 @@ def hierarchical_loss(heads, phi, s, z, sub_grad_scale=False, counts=None):
     the mean over group t only, as in the official layout (PAPER.md §7); loss values and the
     gradients of V and of the trunk stay those of the batch mean. B_t counts this process's batch.
     counts: [B_0 .. B_{S-1}] when the caller has s on the host (04 does): on a GPU, counting s
-    there would stop the host in mid-forward until the trunk is done (measured: 0.81x of a plain
-    VGG step on an H200, bench/RESULTS.md); None counts s where it is (one host sync).
+    there would stop the host in mid-forward until the trunk is done (an H200's step went from 0.80
+    to 0.83 of a plain VGG step without it, bench/RESULTS.md); None counts s where it is (a sync).
     Memory: W, its gradient and (B, k_s) logits; never a per-sample copy of W_{s_n} (B, k_s, d).
     """
     B = len(s)
