@@ -92,11 +92,9 @@ class Config:
 # 256, T = 1, its top layer re-created at every clustering with N(0, 0.01) weights, zero bias and
 # an SGD without momentum. RotNet (FeatureLearningRotNet, CIFAR): 0.1 at 128, wd 5e-4, whole
 # images (20% crops cost its mid layers 2 points at 250k). supervised: 0.1 at 256, wd 1e-4.
-# DEVIATION(paper): DeeperCluster's 0.1 at 3072 scaled linearly over the 48x batch ratio gives
-# 0.0021 at batch 64, which learned slower on Tiny-ImageNet at 32 px than DeepCluster's per-sample
-# rate 0.0125 (after 1M images seen, seed 0: kNN@20 fc7 2.4 vs 2.7, mean conv4-10 probe 7.2 vs 8.6,
-# conv13 4.5 vs 4.3; results/tiny-imagenet-32). The square-root rule gives 0.0144 at 64 and keeps
-# the official 0.1 at the official batch 3072.
+# DEVIATION(paper): DeeperCluster's 0.1 at 3072 scaled linearly to batch 64 is 0.0021, which learned
+# slower at 32 px than 0.0125 (1M images, seed 0: kNN@20 fc7 2.4 vs 2.7, conv4-10 probe 7.2 vs 8.6;
+# results/tiny-imagenet-32); the square-root rule gives 0.0144 at 64 and keeps 0.1 at 3072.
 RECIPES = {"deepercluster": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9,
                                  scale="sqrt"),
            "deepcluster": dict(lr=(0.05, 256), T=1, wd=1e-5, w_std=0.01, head_momentum=0.0),
@@ -205,9 +203,8 @@ class Net(nn.Module):
         super().__init__()
         self.trunk, self.heads, self.sub_grad_scale = trunk, heads, sub_grad_scale
 
-    # DEVIATION(paper): mixed batches (every super-class in every batch, all heads in one process)
-    # instead of one super-class per GPU group, so by default W_s's gradient is B_s/B of the
-    # official per-group mean; --sub_grad_scale restores it (§7; under torchrun B_s is per rank).
+    # DEVIATION(paper): mixed batches, not one super-class per GPU group, so W_s's gradient is B_s/B
+    # of the official per-group mean; --sub_grad_scale restores it (§7; under torchrun per rank).
     def forward(self, x, s, z, counts=None):  # counts: B_s from the host (m02.hierarchical_loss)
         phi = self.trunk(x)  # (B, d) fc7 before ReLU
         return m02.hierarchical_loss(self.heads, phi, s, z, self.sub_grad_scale, counts)
