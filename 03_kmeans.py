@@ -24,7 +24,6 @@ import time
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from support import common
 from support.common import UserError
@@ -69,8 +68,8 @@ def extract_features(model, dataset, batch_size, device, workers=0):
     shard = Subset(dataset, range(rank * N // world, (rank + 1) * N // world))  # DIST: contiguous
     phi = torch.empty(len(shard), net.feature_dim)  # (n_r, d), filled batch by batch
     i = 0
-    for x, _ in tqdm(DataLoader(shard, batch_size, num_workers=workers), desc="features",
-                     disable=not common.is_main(), leave=False):
+    for x, _ in common.bar(DataLoader(shard, batch_size, num_workers=workers), desc="features",
+                           leave=False):
         phi[i:i + len(x)] = net(x.to(device)).float().cpu()  # (B, 3, S, S) -> (B, d)
         i += len(x)
     net.train(was_training)
@@ -83,6 +82,8 @@ def check_pca(dim, d, n, warn=True):
     if not 0 <= dim <= min(d, n):
         raise UserError(f"--pca_dim {dim} must be in 0..{min(d, n)} (feature dimension {d}, {n} "
                         f"samples to fit the PCA); lower it, or 0 for no PCA")
+    # DEVIATION(paper): a warning, not an error (§4.2 says fail): runs on a few hundred images and
+    # the tests stay possible at the default D; the warning names the D that fits.
     if warn and dim and n < dim * (dim - 1) // 2:
         good = int((1 + (1 + 8 * n) ** 0.5) / 2)  # largest D with D(D-1)/2 <= n
         common.log(f"warning: {n} PCA samples < D(D-1)/2 = {dim * (dim - 1) // 2}: the smallest "

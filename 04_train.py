@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from support import clusterstats, common, parallel, resume, trainlog
 from support.common import UserError
@@ -92,6 +91,9 @@ class Config:
 # 256, T = 1, its top layer re-created at every clustering with N(0, 0.01) weights, zero bias and
 # an SGD without momentum. RotNet (FeatureLearningRotNet, CIFAR): 0.1 at 128, wd 5e-4, whole
 # images (20% crops cost its mid layers 2 points at 250k). supervised: 0.1 at 256, wd 1e-4.
+# DEVIATION(paper): RotNet's and supervised training's official step schedules are not kept (a
+# constant lr for every method), nor RotNet's RGB input: one Sobel trunk, so the curves differ in
+# the objective and its recipe alone.
 # DEVIATION(paper): DeeperCluster's 0.1 at 3072 scaled linearly to batch 64 is 0.0021, which learned
 # slower at 32 px than 0.0125 (1M images, seed 0: kNN@20 fc7 2.4 vs 2.7, conv4-10 probe 7.2 vs 8.6;
 # results/tiny-imagenet-32); the square-root rule gives 0.0144 at 64 and keeps 0.1 at 3072.
@@ -350,8 +352,7 @@ def train(cfg, setup, source, trunk, heads, model, opts, layout, ck=None):
             # 4. SGD steps on Eq. (8) over the plan, from iteration `it`.
             loader = epoch_loader(cfg, ds, epoch, plan, clusters["super"], rotate, layout, it,
                                   pin=device.type == "cuda")
-            bar = tqdm(total=n_iter, initial=it, desc=f"epoch {epoch}", leave=False,
-                       disable=not common.is_main())
+            bar = common.bar(total=n_iter, initial=it, desc=f"epoch {epoch}", leave=False)
             t0 = time.time()
             for x, r, n in loader:  # x (b, 3, P, P) rotated crops, r (b,) rotations, n (b,) ids
                 s, z = make_targets(clusters["super"][n], clusters["sub"][n], r, rotate)  # Eq. (6)
@@ -430,6 +431,9 @@ def main(cfg):
     last = os.path.join(cfg.out_dir, "04_train_last.pt")
     cfg = replace(cfg, crop_min=setup["crop_min"])  # saved and compared: the crop actually used
     trunk, ck = resume.load_start(cfg, last, "04_train", COMPAT, COMPAT_MID_EPOCH)  # or --init's
+    if trunk.image_size != cfg.image_size:  # 03 clusters and 05 evaluates at the trunk's size
+        raise UserError(f"--image_size {cfg.image_size}, but the trunk (02_model.py or --init) is "
+                        f"built for {trunk.image_size} px: pass --image_size {trunk.image_size}")
     if ck is not None:  # a warning when the recipe changed, or when it has nothing left to train
         resume.notes(ck, {k: setup[k] for k in RECIPE_KEYS}, cfg.epochs, last)
     heads = layout.heads(trunk.feature_dim, setup["S"], setup["k_s"], setup["w_std"])

@@ -10,7 +10,9 @@ Writes: results/<data>/runs/<method>_s<seed>/  every stage's files (checkpoints 
         results/<data>/n_scaling.md, .png      --n_sweep: accuracy against N distinct images
 Run:    python scripts/reproduce.py --data fashion-mnist            (make reproduce)
         python scripts/reproduce.py --data cifar10:/path/to/cifar-10-batches-py --subset 20000
-Same budget per method; runs what it is asked, no more; restartable. Curves: scripts/curves.py.
+Same budget per method, and by default the same --lr and T (the Fashion-MNIST table's; --lr 0
+--reassign 0 gives each method its own recipe); runs what it is asked, no more; restartable.
+Curves: scripts/curves.py (each method's recipe).
 """
 import argparse
 import json
@@ -221,7 +223,9 @@ def main():
             ("test_subset", 2000, "test images for probes and kNN"), ("image_size", 32, None),
             ("width", 0.25, None), ("epochs", 10, None),
             ("epoch_size", 0, "images per epoch (0 = N); fix it for --n_sweep"),
-            ("reassign", 2, None), ("batch_size", 64, None), ("lr", 0.05, None), ("k", 160, None),
+            ("reassign", 2, "T for every method (the Fashion-MNIST table's); 0 = each method's"),
+            ("batch_size", 64, None), ("k", 160, None),
+            ("lr", 0.05, "lr for every method (the Fashion-MNIST table's); 0 = each method's recipe"),
             ("m", 4, "super-clusters (S = 4m for DeeperCluster)"), ("pca_dim", 64, None),
             ("eval_train_subset", 10000, "labelled images for probes and kNN bank (0 = --subset)"),
             ("jobs", 1, "runs at once; each gets cores/jobs threads"), ("results", "", None)]:

@@ -383,6 +383,14 @@ def log(*args, **kw):
         print(*args, **kw, flush=True)
 
 
+def bar(iterable=None, **kw):
+    """A tqdm progress bar on rank 0: live on a terminal; into a file (a run's stdout.log) one
+    refresh a minute, not ten a second, which would fill the log with megabytes of redraws."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not is_main(), mininterval=0.1 if sys.stderr.isatty() else 60,
+                **kw)
+
+
 # ---- flag checks: one line naming every bad value ----
 def check_ranges(cfg, at_least_1=(), at_least_0=(), choices=None, positive=()):
     """One UserError listing every numeric flag out of range (NaN and infinity included), or naming

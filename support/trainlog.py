@@ -63,6 +63,7 @@ def plot_curves(metrics, path):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=8)
+        if ax.lines:  # rotnet and supervised runs have no clustering panel to label
+            ax.legend(fontsize=8)
     fig.tight_layout()
     common.save_figure(fig, path, dpi=80)

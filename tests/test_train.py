@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -88,6 +89,16 @@ def test_method_errors():
     for bad in (0.0, 1.5):  # RandomResizedCrop's smallest area must be a fraction of the image
         with pytest.raises(common.UserError, match=f"--crop_min {bad} must be in"):
             t4.check_flags(t4.Config(crop_min=bad))
+
+
+def test_image_size_must_be_the_trunks(tmp_path):
+    """03 clusters and 05 evaluates at the trunk's size: training crops of another size stop before any work."""
+    m02.main(m02.Config(out_dir=str(tmp_path), width=0.0625, image_size=64, fc_dim=32, super_classes=8, k=4))
+    flags = ["--out_dir", str(tmp_path), "--data", "synthetic:24", "--subset", "0", "--k", "4", "--super_clusters",
+             "2", "--workers", "0", "--batch_size", "8"]
+    with pytest.raises(common.UserError, match="--image_size 32, .* built for 64 px: pass --image_size 64"):
+        t4.main(common.parse_config(t4.Config, flags))
+    assert not os.path.exists(tmp_path / "04_train_last.pt")
 
 
 def test_each_method_has_its_official_recipe():
@@ -234,6 +245,19 @@ def test_cpu_has_bf16_agrees_with_the_cpu_flags():
         assert common.cpu_has_bf16() is False
     if {"avx512_bf16", "amx_bf16"} & flags:
         assert common.cpu_has_bf16() is True
+
+
+def test_progress_bar_into_a_file_refreshes_rarely(tmp_path, monkeypatch):
+    """A run's stdout.log is a file: tqdm's default 10 redraws a second filled 2.5 MB per run."""
+    from tqdm import tqdm
+    counts = []
+    for make in (lambda it: tqdm(it), lambda it: common.bar(it)):  # reference first, then ours
+        with open(tmp_path / "log", "w") as fh:
+            monkeypatch.setattr(sys, "stderr", fh)  # not a terminal
+            for _ in make(range(60)):
+                time.sleep(0.01)  # >= 0.6 s: tqdm's default redraws at least 5 times
+        counts.append(open(tmp_path / "log", newline="").read().count("\r"))
+    assert counts[0] >= 5 and counts[1] <= 3, counts  # start and close only
 
 
 def test_incompatible_lists_differences():
