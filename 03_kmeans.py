@@ -82,8 +82,7 @@ def check_pca(dim, d, n, warn=True):
     if not 0 <= dim <= min(d, n):
         raise UserError(f"--pca_dim {dim} must be in 0..{min(d, n)} (feature dimension {d}, {n} "
                         f"samples to fit the PCA); lower it, or 0 for no PCA")
-    # DEVIATION(paper): a warning, not an error (§4.2 says fail): runs on a few hundred images and
-    # the tests stay possible at the default D; the warning names the D that fits.
+    # DEVIATION(paper): warns, not fails (§4.2): small runs keep the default D; names a D that fits
     if warn and dim and n < dim * (dim - 1) // 2:
         good = int((1 + (1 + 8 * n) ** 0.5) / 2)  # largest D with D(D-1)/2 <= n
         common.log(f"warning: {n} PCA samples < D(D-1)/2 = {dim * (dim - 1) // 2}: the smallest "

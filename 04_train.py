@@ -15,8 +15,7 @@ Writes: <out_dir>/03_kmeans_ep{E:03d}.npz/.json (clustering at epoch E's start),
 Run:    python 02_model.py --out_dir out && python 04_train.py --out_dir out
         torchrun --nproc_per_node=2 04_train.py --out_dir out    (same global batch, BN synced)
         torchrun --nproc_per_node=16 04_train.py --layout grouped --out_dir out   (PAPER.md §7)
-Uses:   01_data.make_source/RotationDataset, 02_model.Heads/hierarchical_loss/method_shape,
-        03_kmeans.cluster/save_clustering; scaleout/grouped.py only under --layout grouped
+Uses:   01_data, 02_model.Heads/hierarchical_loss, 03_kmeans.cluster; scaleout/ (--layout grouped)
 """
 import importlib
 import os
@@ -80,23 +79,17 @@ class Config:
 
 
 # ---- §8 each method's own recipe, from its official code (PAPER.md §6, §8) ----
-# lr: the official (lr, batch) pair, scaled linearly to --batch_size (Goyal et al.'s rule: SGD's
-# update is a batch mean, so the per-sample step stays the official one), except DeeperCluster's,
-# by the square root of the batch ratio (scale="sqrt", below). T: re-clustering period in epochs.
-# wd: weight decay. w_std / head_momentum: W_s's init (None = nn.Linear's default), SGD momentum.
-# crop: RandomResizedCrop's smallest area, 8% if absent (torchvision's default, both clustering
-# codes; at 32 px a 9x9 patch, yet level with or ahead of 20% on the Tiny-ImageNet curve).
-# DeeperCluster (main.sh): 0.1 at 48 x 64 = 3072, T = 3, nn.Linear heads with momentum 0.9;
-# deepcluster-2level (its clustering without rotation) keeps it. DeepCluster (main.py): 0.05 at
-# 256, T = 1, its top layer re-created at every clustering with N(0, 0.01) weights, zero bias and
-# an SGD without momentum. RotNet (FeatureLearningRotNet, CIFAR): 0.1 at 128, wd 5e-4, whole
-# images (20% crops cost its mid layers 2 points at 250k). supervised: 0.1 at 256, wd 1e-4.
-# DEVIATION(paper): RotNet's and supervised training's official step schedules are not kept (a
-# constant lr for every method), nor RotNet's RGB input: one Sobel trunk, so the curves differ in
-# the objective and its recipe alone.
-# DEVIATION(paper): DeeperCluster's 0.1 at 3072 scaled linearly to batch 64 is 0.0021, which learned
-# slower at 32 px than 0.0125 (1M images, seed 0: kNN@20 fc7 2.4 vs 2.7, conv4-10 probe 7.2 vs 8.6;
-# results/tiny-imagenet-32); the square-root rule gives 0.0144 at 64 and keeps 0.1 at 3072.
+# lr: the official (lr, batch) scaled linearly to --batch_size (the per-sample step stays the
+# official one; Goyal et al.), DeeperCluster's by the square root (scale="sqrt"). T: re-clustering
+# period (epochs); wd: weight decay; w_std / head_momentum: W_s's init (None = nn.Linear's) and SGD
+# momentum; crop: smallest RandomResizedCrop area, else 8% (both clustering codes; at 32 px level
+# with or ahead of 20%). Sources: DeeperCluster main.sh (48 x 64 = 3072; deepcluster-2level keeps
+# it), DeepCluster main.py (top layer re-made each round: N(0, 0.01), zero bias, no momentum),
+# FeatureLearningRotNet (CIFAR; whole images: 20% crops cost its mid layers 2 points at 250k).
+# DEVIATION(paper): one Sobel trunk, a constant lr for all (RotNet officially RGB; RotNet and
+# supervised officially step the lr down), so the curves differ in the objective and recipe alone.
+# DEVIATION(paper): DeeperCluster's 0.1 at 3072 scaled linearly to 64 is 0.0021, slower at 32 px
+# than 0.0125 (1M, seed 0: kNN@20 fc7 2.4 vs 2.7, conv4-10 probe 7.2 vs 8.6); sqrt: 0.0144 at 64.
 RECIPES = {"deepercluster": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9,
                                  scale="sqrt"),
            "deepcluster": dict(lr=(0.05, 256), T=1, wd=1e-5, w_std=0.01, head_momentum=0.0),
@@ -121,8 +114,7 @@ def recipe(cfg):
 
 
 def method_setup(cfg, source):
-    """-> 02_model.method_shape's dict (S, m, k_s, rotate, cluster) + super/sub (N,): the fixed
-    labels of rotnet and supervised (None for the clustering methods), checked against the data."""
+    """-> method_shape's dict + super/sub (N,): rotnet's, supervised's fixed labels, else None."""
     N, zeros = len(source), np.zeros(len(source), np.int64)
     if cfg.method == "supervised":  # one super-class whose sub-class is the true label
         if source.labels is None:
