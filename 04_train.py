@@ -89,7 +89,7 @@ class Config:
 # DEVIATION(paper): one Sobel trunk, a constant lr for all (RotNet officially RGB; RotNet and
 # supervised officially step the lr down), so the curves differ in the objective and recipe alone.
 # DEVIATION(paper): DeeperCluster's 0.1 at 3072 scaled linearly to 64 is 0.0021, slower at 32 px
-# than 0.0125 (1M, seed 0: kNN@20 fc7 2.4 vs 2.7, conv4-10 probe 7.2 vs 8.6); sqrt: 0.0144 at 64.
+# than 0.0125 (1M, seed 0: kNN@20 fc7 2.4 vs 2.7, mid probe 7.2 vs 8.6); sqrt: 0.0144 (0.1 at 3072)
 RECIPES = {"deepercluster": dict(lr=(0.1, 3072), T=3, wd=1e-5, w_std=None, head_momentum=0.9,
                                  scale="sqrt"),
            "deepcluster": dict(lr=(0.05, 256), T=1, wd=1e-5, w_std=0.01, head_momentum=0.0),
